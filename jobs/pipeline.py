@@ -1,0 +1,13 @@
+"""The whole pipeline: ingest -> clean -> features -> shard -> train -> evaluate.
+
+    python jobs/pipeline.py --config conf/flights.yaml [--run-dir DIR]
+    spark-submit --master URL jobs/pipeline.py --config conf/flights.yaml [--run-dir DIR]
+"""
+
+import sys
+
+from sparknet.cli import main
+from sparknet.stages import STAGES
+
+if __name__ == "__main__":
+    sys.exit(main(list(STAGES)))

@@ -1,0 +1,329 @@
+"""Clean: parse every source with an explicit schema, refuse what cannot be used, join
+the lookups onto the main source, and account for every row.
+
+Every input row ends in exactly one place: <run-dir>/clean (main source, joined) or
+<run-dir>/rejects with its source, file, raw fields and a reason code. quality.json
+reconciles rows in = clean + rejected per source, and the job fails if it does not.
+
+Reason codes, first match wins:
+  malformed_record    the reader could not split the line into the expected fields
+  unparseable_value   a field does not parse as its configured type (`column` names it)
+  missing_label       a column the label needs is null, or the label evaluates to null
+  invalid_label       a binary label that is neither 0 nor 1
+  missing_value       a required column is null (`column` names it)
+  duplicate_row       an exact repeat of an earlier row (main source)
+  duplicate_key       a repeat of an earlier row's key (lookup sources; first kept)
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from pyspark import StorageLevel
+from pyspark.sql import Column, DataFrame, SparkSession, Window
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from sparknet.config import Config, SourceConfig
+from sparknet.errors import DataError
+from sparknet.run_dir import RunDir, write_json
+
+log = logging.getLogger(__name__)
+
+CORRUPT = "_corrupt_record"
+SOURCE_FILE = "_source_file"
+REASON = "_reason"
+REASON_COLUMN = "_reason_column"
+
+SPARK_TYPES = {
+    "int": T.IntegerType(),
+    "long": T.LongType(),
+    "double": T.DoubleType(),
+    "float": T.FloatType(),
+    "string": T.StringType(),
+    "boolean": T.BooleanType(),
+    "date": T.DateType(),
+    "timestamp": T.TimestampType(),
+}
+
+REJECTS_SCHEMA = ["source", "source_file", "raw_record", "reason", "column"]
+
+
+def source_path(src: SourceConfig, run_dir: RunDir) -> str:
+    path = Path(src.path)
+    return str(path if path.is_absolute() else run_dir.raw / path)
+
+
+def read_raw(spark: SparkSession, name: str, src: SourceConfig, path: str) -> DataFrame:
+    """Reads every configured column as a string, so that a bad value is seen as bad
+    instead of becoming a silent null, plus the reader's corrupt-record text and the file."""
+    _check_header(name, src, path)
+    schema = T.StructType(
+        [T.StructField(col, T.StringType()) for col in src.columns]
+        + [T.StructField(CORRUPT, T.StringType())]
+    )
+    reader = spark.read.schema(schema).options(**src.options)
+    if src.format == "csv":
+        reader = reader.option("mode", "PERMISSIVE").option("columnNameOfCorruptRecord", CORRUPT)
+        df = reader.csv(path)
+    elif src.format == "json":
+        reader = reader.option("mode", "PERMISSIVE").option("columnNameOfCorruptRecord", CORRUPT)
+        df = reader.json(path)
+    else:
+        df = spark.read.parquet(path).select(
+            *[F.col(c).cast("string").alias(c) for c in src.columns],
+            F.lit(None).cast("string").alias(CORRUPT),
+        )
+    return df.withColumn(SOURCE_FILE, F.input_file_name())
+
+
+def _check_header(name: str, src: SourceConfig, path: str) -> None:
+    """Spark maps CSV fields to the schema by position; a reordered or missing column
+    would shift values silently. Compare the header with the config where we can read it."""
+    if src.format != "csv" or src.options.get("header", "false").lower() != "true":
+        return
+    file = Path(path)
+    if not file.is_file():
+        if "://" not in path and not file.exists():
+            raise DataError(f"sources.{name}: input {path} does not exist")
+        return  # a folder or a remote URL: Spark reads it; per-file headers are not checked here
+    with open(file, newline="") as fh:
+        first = fh.readline()
+    if not first.strip():
+        raise DataError(f"sources.{name}: {path} is empty; expected a header line")
+    sep = src.options.get("sep", src.options.get("delimiter", ","))
+    header = [h.strip().strip('"') for h in first.rstrip("\r\n").split(sep)]
+    expected = list(src.columns)
+    if header != expected:
+        missing = [c for c in expected if c not in header]
+        extra = [c for c in header if c not in expected]
+        raise DataError(
+            f"sources.{name}: {path} header does not match sources.{name}.columns: "
+            f"missing {missing}, unexpected {extra}; expected the columns in this order: {expected}"
+        )
+
+
+def classify(
+    df: DataFrame,
+    src: SourceConfig,
+    label_expr: str | None = None,
+    label_name: str | None = None,
+    label_requires: tuple[str, ...] = (),
+    dedupe: str = "row",
+) -> DataFrame:
+    """Parses the raw string columns and adds the reason a row is refused (null when clean).
+
+    Output: the typed columns (+ the label), SOURCE_FILE, a JSON of the raw fields, REASON
+    and REASON_COLUMN.
+    """
+    raw_cols = list(src.columns)
+    typed = {c: F.trim(F.col(c)).try_cast(SPARK_TYPES[t]) for c, t in src.columns.items()}
+    reason_and_column: list[tuple[Column, str, str | None]] = [
+        (F.col(CORRUPT).isNotNull(), "malformed_record", None)
+    ]
+    for c in raw_cols:
+        if src.columns[c] != "string":
+            bad = F.col(c).isNotNull() & (F.trim(F.col(c)) != "") & typed[c].isNull()
+            reason_and_column.append((bad, "unparseable_value", c))
+
+    out = df.select(
+        *[typed[c].alias(c) for c in raw_cols],
+        F.col(SOURCE_FILE),
+        F.coalesce(F.col(CORRUPT), F.to_json(F.struct(*[F.col(c) for c in raw_cols]))).alias(
+            "_raw_record"
+        ),
+        F.col(CORRUPT),
+        *[cond.alias(f"_bad_{i}") for i, (cond, _, _) in enumerate(reason_and_column)],
+    )
+    checks = [(F.col(f"_bad_{i}"), r, c) for i, (_, r, c) in enumerate(reason_and_column)]
+    if label_expr is not None:
+        out = out.withColumn(label_name, F.expr(label_expr).cast("double"))
+        missing = F.lit(False)
+        for c in label_requires:
+            missing = missing | F.col(c).isNull()
+        checks.append((missing | F.col(label_name).isNull(), "missing_label", None))
+        checks.append((~F.col(label_name).isin(0.0, 1.0), "invalid_label", label_name))
+    for c in src.required:
+        checks.append((F.col(c).isNull(), "missing_value", c))
+
+    reason = F.lit(None).cast("string")
+    column = F.lit(None).cast("string")
+    for cond, code, col in reversed(checks):
+        reason = F.when(cond, F.lit(code)).otherwise(reason)
+        column = F.when(cond, F.lit(col)).otherwise(column)
+    out = out.withColumn(REASON, reason).withColumn(REASON_COLUMN, column)
+
+    # Repeats are judged among rows that are otherwise clean; the first by file and raw
+    # text is kept so that reruns keep the same one.
+    if dedupe == "row":
+        group = raw_cols
+        code = "duplicate_row"
+    else:
+        group = list(src.key)
+        code = "duplicate_key"
+    if group:
+        w = Window.partitionBy(*[F.col(c) for c in group], F.col(REASON).isNull()).orderBy(
+            SOURCE_FILE, "_raw_record"
+        )
+        out = out.withColumn("_repeat", F.col(REASON).isNull() & (F.row_number().over(w) > 1))
+        repeat = F.col("_repeat")
+        out = out.withColumn(REASON, F.when(repeat, F.lit(code)).otherwise(F.col(REASON)))
+        if dedupe == "key":
+            out = out.withColumn(
+                REASON_COLUMN,
+                F.when(repeat, F.lit(",".join(group))).otherwise(F.col(REASON_COLUMN)),
+            )
+        out = out.drop("_repeat")
+    return out.drop(CORRUPT, *[f"_bad_{i}" for i in range(len(reason_and_column))])
+
+
+def rejects_of(classified: DataFrame, source: str) -> DataFrame:
+    return classified.filter(F.col(REASON).isNotNull()).select(
+        F.lit(source).alias("source"),
+        F.col(SOURCE_FILE).alias("source_file"),
+        F.col("_raw_record").alias("raw_record"),
+        F.col(REASON).alias("reason"),
+        F.col(REASON_COLUMN).alias("column"),
+    )
+
+
+def clean_rows_of(classified: DataFrame, columns: list[str]) -> DataFrame:
+    return classified.filter(F.col(REASON).isNull()).select(*columns)
+
+
+def reason_counts(classified: DataFrame) -> dict[str | None, int]:
+    rows = classified.groupBy(REASON).count().collect()
+    return {r[REASON]: r["count"] for r in rows}
+
+
+def clean(spark: SparkSession, config: Config, run_dir: RunDir) -> dict:
+    """Runs the clean stage; returns the quality report (also written to quality.json)."""
+    quality: dict = {"sources": {}, "joins": {}}
+    cleaned: dict[str, DataFrame] = {}
+    all_rejects: list[DataFrame] = []
+    persisted: list[DataFrame] = []
+
+    for name, src in config.sources.items():
+        path = source_path(src, run_dir)
+        raw = read_raw(spark, name, src, path)
+        is_main = name == config.main
+        classified = classify(
+            raw,
+            src,
+            label_expr=config.label.expr if is_main else None,
+            label_name=config.label.name if is_main else None,
+            label_requires=tuple(config.label.requires) if is_main else (),
+            dedupe="row" if is_main else "key",
+        ).persist(StorageLevel.MEMORY_AND_DISK)
+        persisted.append(classified)
+
+        counts = reason_counts(classified)
+        rows_in = sum(counts.values())
+        n_clean = counts.pop(None, 0)
+        report = {
+            "path": path,
+            "rows_in": rows_in,
+            "clean": n_clean,
+            "rejected": sum(counts.values()),
+            "rejected_by_reason": dict(sorted(counts.items())),
+        }
+        if counts:
+            by_column = (
+                classified.filter(F.col(REASON_COLUMN).isNotNull())
+                .groupBy(REASON, REASON_COLUMN)
+                .count()
+                .collect()
+            )
+            report["rejected_by_column"] = {
+                f"{r[REASON]}:{r[REASON_COLUMN]}": r["count"]
+                for r in sorted(by_column, key=lambda r: (r[REASON], r[REASON_COLUMN]))
+            }
+        quality["sources"][name] = report
+        log.info(
+            "source %s: %d rows in, %d clean, %d rejected %s",
+            name, rows_in, n_clean, report["rejected"], report["rejected_by_reason"],
+        )
+        if rows_in == 0:
+            raise DataError(f"sources.{name}: {path} has no data rows")
+        if n_clean == 0:
+            raise DataError(
+                f"sources.{name}: all {rows_in} rows of {path} were rejected "
+                f"({report['rejected_by_reason']}); check sources.{name}.columns types and options"
+            )
+
+        columns = list(src.columns) + ([config.label.name] if is_main else [])
+        cleaned[name] = clean_rows_of(classified, columns)
+        all_rejects.append(rejects_of(classified, name))
+
+    joined = cleaned[config.main]
+    for join in config.joins:
+        flag = f"_matched_{join.source}"
+        lookup = cleaned[join.source].select(
+            *join.on,
+            *[F.col(c).alias(new) for c, new in join.select.items()],
+            F.lit(True).alias(flag),
+        )
+        joined = joined.join(lookup, on=join.on, how="left")
+    flags = [f"_matched_{j.source}" for j in config.joins]
+    if flags:
+        stats = joined.agg(
+            F.count(F.lit(1)).alias("rows"), *[F.count(f).alias(f) for f in flags]
+        ).first()
+        for join, f in zip(config.joins, flags):
+            quality["joins"][join.source] = {
+                "on": join.on,
+                "matched": stats[f],
+                "unmatched": stats["rows"] - stats[f],
+            }
+            log.info("join %s on %s: %d matched, %d unmatched (kept, lookup columns null)",
+                     join.source, join.on, stats[f], stats["rows"] - stats[f])
+    joined = joined.drop(*flags)
+
+    joined.write.mode("overwrite").parquet(str(run_dir.clean))
+    rejects = all_rejects[0]
+    for more in all_rejects[1:]:
+        rejects = rejects.unionByName(more)
+    rejects.coalesce(1).write.mode("overwrite").parquet(str(run_dir.rejects))
+
+    # Reconcile from what was written, not from what was planned.
+    written_clean = spark.read.parquet(str(run_dir.clean)).count()
+    written_rejects = {
+        (r["source"]): r["count"]
+        for r in spark.read.parquet(str(run_dir.rejects)).groupBy("source").count().collect()
+    }
+    for df in persisted:
+        df.unpersist()
+
+    main = quality["sources"][config.main]
+    if written_clean != main["clean"]:
+        raise DataError(
+            f"clean: wrote {written_clean} rows but classified {main['clean']} as clean "
+            f"for sources.{config.main}; a join multiplied or dropped rows"
+        )
+    for name, report in quality["sources"].items():
+        if written_rejects.get(name, 0) != report["rejected"]:
+            raise DataError(
+                f"clean: wrote {written_rejects.get(name, 0)} rejects for sources.{name} "
+                f"but classified {report['rejected']}"
+            )
+        if report["rows_in"] != report["clean"] + report["rejected"]:
+            raise DataError(f"clean: sources.{name} does not reconcile: {report}")
+    quality.update(
+        {
+            "main": config.main,
+            "rows_in": main["rows_in"],
+            "clean": written_clean,
+            "rejected": main["rejected"],
+            "rejected_by_reason": main["rejected_by_reason"],
+            "reconciled": main["rows_in"] == written_clean + main["rejected"],
+            "label": config.label.name,
+            "label_positive_share": _positive_share(spark, run_dir, config.label.name),
+        }
+    )
+    write_json(run_dir.quality, quality)
+    return quality
+
+
+def _positive_share(spark: SparkSession, run_dir: RunDir, label: str) -> float:
+    return float(spark.read.parquet(str(run_dir.clean)).agg(F.avg(label)).first()[0])

@@ -1,0 +1,313 @@
+"""Typed configuration, loaded from YAML and validated once, at the edge.
+
+A dataset is described entirely here: where its files come from, their columns and
+types, how sources are joined, the label, the features, and how training runs.
+Nothing in sparknet knows about any particular dataset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sparknet.errors import ConfigError
+
+COLUMN_TYPES = ("int", "long", "double", "float", "string", "boolean", "date", "timestamp")
+TASKS = ("binary",)
+ACTIVATIONS = ("relu", "gelu", "tanh", "silu")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+IMPUTE_STRATEGIES = ("median", "mean", "mode")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class SparkConfig:
+    # Used only when the job is not launched by spark-submit (which sets the master).
+    master: str = "local[2]"
+    conf: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    # Copy raw files out of an installed Python distribution: {file in the package: name in raw/}.
+    # A name ending in .zip holding one member is unzipped on the way.
+    package: str = ""
+    files: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    path: str  # relative to <run-dir>/raw, or absolute
+    columns: dict[str, str]  # name -> one of COLUMN_TYPES, in file order
+    format: str = "csv"
+    options: dict[str, str] = field(default_factory=dict)
+    # Rows where any of these is null are rejected as missing_value.
+    required: list[str] = field(default_factory=list)
+    # Lookup sources: rows repeating a key are rejected as duplicate_key (first kept).
+    key: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class JoinConfig:
+    source: str
+    on: list[str]
+    # Lookup columns to bring in: {column in the source: name in the joined table}.
+    select: dict[str, str]
+
+
+@dataclass(frozen=True)
+class LabelConfig:
+    name: str
+    expr: str  # Spark SQL over the main source's columns
+    requires: list[str]  # rows where any is null are rejected as missing_label
+    task: str = "binary"
+
+
+@dataclass(frozen=True)
+class FeaturesConfig:
+    numeric: list[str]
+    categorical: list[str] = field(default_factory=list)
+    # Spark SQL expressions evaluated on the cleaned table: {new column: expression}.
+    derived: dict[str, str] = field(default_factory=dict)
+    impute: str = "median"
+
+
+@dataclass(frozen=True)
+class PcaConfig:
+    variance: float = 0.95  # keep the fewest components reaching this share of variance
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    key: list[str]  # rows are assigned by a hash of these, never by row order
+    validation: float = 0.1
+    test: float = 0.2
+    seed: int = 13
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    rows_per_row_group: int = 16384
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    workers: int = 2
+    hidden: list[int] = field(default_factory=lambda: [128, 64])
+    activation: str = "relu"
+    dropout: float = 0.0
+    optimizer: str = "adam"
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    epochs: int = 5
+    batch_size: int = 512
+    seed: int = 13
+    device: str = "auto"
+    reader_threads: int = 2
+    timeout_s: float = 600.0  # torch.distributed collective timeout
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    sources: dict[str, SourceConfig]
+    main: str  # the source whose rows are the samples
+    label: LabelConfig
+    features: FeaturesConfig
+    split: SplitConfig
+    joins: list[JoinConfig] = field(default_factory=list)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    spark: SparkConfig = field(default_factory=SparkConfig)
+    pca: PcaConfig = field(default_factory=PcaConfig)
+    shard: ShardConfig = field(default_factory=ShardConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    path: str = ""  # where it was loaded from, for messages
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true/false. YAML 1.1 would read a join's `on:` key,
+    or a country code `NO`, as a boolean."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def load_config(path: str | Path) -> Config:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    try:
+        data = yaml.load(text, Loader=_Yaml12Loader)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    data = {**data, "path": str(path)}
+    config = _build(Config, data, where=str(path))
+    _check(config)
+    return config
+
+
+def config_from_dict(data: dict[str, Any], where: str = "<dict>") -> Config:
+    config = _build(Config, {**data, "path": where}, where=where)
+    _check(config)
+    return config
+
+
+def _build(tp: Any, value: Any, where: str) -> Any:
+    """Turns parsed YAML into `tp`, naming the key path of the first value that does not fit."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        hints = typing.get_type_hints(tp)
+        fields = {f.name: f for f in dataclasses.fields(tp)}
+        unknown = sorted(set(value) - set(fields))
+        if unknown:
+            raise ConfigError(
+                f"{where}: unknown key(s) {', '.join(map(str, unknown))}; "
+                f"expected some of {', '.join(fields)}"
+            )
+        kwargs = {}
+        for name, f in fields.items():
+            if name in value:
+                kwargs[name] = _build(hints[name], value[name], f"{where}.{name}")
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{where}: missing required key '{name}'")
+        return tp(**kwargs)
+    if origin is dict:
+        key_tp, val_tp = typing.get_args(tp)
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {
+            _build(key_tp, k, f"{where}"): _build(val_tp, v, f"{where}.{k}") for k, v in value.items()
+        }
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_build(item_tp, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        raise TypeError(f"unsupported config type {tp}")  # keep the schema simple
+    if tp is str:
+        # YAML turns `NA`-like scalars and numbers into other types; config strings stay strings.
+        if isinstance(value, (dict, list)) or value is None:
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value).lower() if isinstance(value, bool) else str(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    raise TypeError(f"unsupported config type {tp}")
+
+
+def _one_of(where: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{where}: '{value}' is not one of {', '.join(allowed)}")
+
+
+def _positive(where: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{where}: must be > 0, got {value}")
+
+
+def _check(c: Config) -> None:
+    """Cross-field rules that types alone cannot express."""
+    w = c.path
+    if c.main not in c.sources:
+        raise ConfigError(f"{w}: main: '{c.main}' is not a source; sources are {', '.join(c.sources)}")
+    for name, src in c.sources.items():
+        where = f"{w}: sources.{name}"
+        _one_of(f"{where}.format", src.format, ("csv", "parquet", "json"))
+        if not src.columns:
+            raise ConfigError(f"{where}.columns: list at least one column")
+        for col, typ in src.columns.items():
+            _one_of(f"{where}.columns.{col}", typ, COLUMN_TYPES)
+        for listed in ("required", "key"):
+            for col in getattr(src, listed):
+                if col not in src.columns:
+                    raise ConfigError(f"{where}.{listed}: '{col}' is not among its columns")
+    main_cols = set(c.sources[c.main].columns)
+    available = set(main_cols)
+    for i, join in enumerate(c.joins):
+        where = f"{w}: joins[{i}]"
+        if join.source not in c.sources or join.source == c.main:
+            raise ConfigError(f"{where}.source: '{join.source}' must name a lookup source")
+        lookup = c.sources[join.source]
+        if sorted(lookup.key) != sorted(join.on):
+            raise ConfigError(
+                f"{where}.on: {join.on} must equal sources.{join.source}.key {lookup.key}, "
+                "so that a join can never multiply rows"
+            )
+        for col in join.on:
+            if col not in main_cols:
+                raise ConfigError(f"{where}.on: '{col}' is not a column of sources.{c.main}")
+        for col, new in join.select.items():
+            if col not in lookup.columns:
+                raise ConfigError(f"{where}.select: '{col}' is not a column of sources.{join.source}")
+            if new in available:
+                raise ConfigError(f"{where}.select: '{new}' would overwrite an existing column")
+            available.add(new)
+    for col in c.label.requires:
+        if col not in main_cols:
+            raise ConfigError(f"{w}: label.requires: '{col}' is not a column of sources.{c.main}")
+    _one_of(f"{w}: label.task", c.label.task, TASKS)
+    available |= set(c.features.derived)
+    for listed in ("numeric", "categorical"):
+        for col in getattr(c.features, listed):
+            if col not in available:
+                raise ConfigError(
+                    f"{w}: features.{listed}: '{col}' is neither a cleaned, joined nor derived column"
+                )
+    if not c.features.numeric and not c.features.categorical:
+        raise ConfigError(f"{w}: features: list at least one numeric or categorical column")
+    _one_of(f"{w}: features.impute", c.features.impute, IMPUTE_STRATEGIES)
+    for col in c.split.key:
+        if col not in main_cols:
+            raise ConfigError(f"{w}: split.key: '{col}' is not a column of sources.{c.main}")
+    if not 0 < c.pca.variance <= 1:
+        raise ConfigError(f"{w}: pca.variance: must be in (0, 1], got {c.pca.variance}")
+    if not (0 <= c.split.validation < 1 and 0 < c.split.test < 1
+            and c.split.validation + c.split.test < 1):
+        raise ConfigError(
+            f"{w}: split: validation ({c.split.validation}) and test ({c.split.test}) "
+            "must be shares in [0, 1) leaving some rows for training"
+        )
+    _positive(f"{w}: shard.rows_per_row_group", c.shard.rows_per_row_group)
+    t = c.train
+    for key in ("workers", "epochs", "batch_size", "learning_rate", "timeout_s", "reader_threads"):
+        _positive(f"{w}: train.{key}", getattr(t, key))
+    for i, width in enumerate(t.hidden):
+        _positive(f"{w}: train.hidden[{i}]", width)
+    if not 0 <= t.dropout < 1:
+        raise ConfigError(f"{w}: train.dropout: must be in [0, 1), got {t.dropout}")
+    _one_of(f"{w}: train.activation", t.activation, ACTIVATIONS)
+    _one_of(f"{w}: train.optimizer", t.optimizer, OPTIMIZERS)
+    _one_of(f"{w}: train.device", t.device, DEVICES)

@@ -1,0 +1,29 @@
+"""The exceptions sparknet raises on purpose.
+
+All carry a plain message (naming the file, column or key, what was found and what
+was expected) and pickle by message alone, so one raised in an executor reaches the
+driver intact.
+"""
+
+
+class SparknetError(Exception):
+    """Base of every error sparknet raises on purpose."""
+
+    def __reduce__(self):
+        return (type(self), (str(self),))
+
+
+class ConfigError(SparknetError):
+    """The YAML config is missing a key, has an unknown one, or a value out of range."""
+
+
+class DataError(SparknetError):
+    """The input data as a whole cannot be used (missing column, empty file, ...)."""
+
+
+class RunDirError(SparknetError):
+    """A stage's input is missing from the run directory."""
+
+
+class TrainingError(SparknetError):
+    """Distributed training failed; the message carries the failing rank's cause."""

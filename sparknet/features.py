@@ -1,0 +1,182 @@
+"""Features + PCA: derive, split, impute, encode, scale, assemble, project.
+
+Every fitted step (imputer medians, category indexes, scaler moments, PCA basis) is
+fitted on the train split only and saved as one Spark ML PipelineModel, so scoring
+applies exactly the rules training saw.
+
+Shapes: numeric and categorical columns -> `assembled` (dense after scaling, n_features)
+-> `scaled` (centred, unit variance) -> `pca` (k components, the fewest that keep
+`pca.variance` of the variance).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from pyspark import StorageLevel
+from pyspark.ml import Pipeline, PipelineModel
+from pyspark.ml.feature import (
+    PCA,
+    Imputer,
+    OneHotEncoder,
+    StandardScaler,
+    StringIndexer,
+    VectorAssembler,
+)
+from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from sparknet.config import Config, SplitConfig
+from sparknet.errors import DataError
+from sparknet.run_dir import RunDir, write_json
+
+log = logging.getLogger(__name__)
+
+SPLIT = "split"
+FEATURES = "pca"
+HASH_BUCKETS = 10_000
+
+
+def split_column(split: SplitConfig) -> Column:
+    """Assigns train/validation/test from a seeded hash of the key: stable across runs,
+    independent of row order and partitioning."""
+    bucket = F.pmod(
+        F.xxhash64(F.lit(split.seed), *[F.col(c) for c in split.key]), F.lit(HASH_BUCKETS)
+    )
+    test_cut = int(round(split.test * HASH_BUCKETS))
+    validation_cut = test_cut + int(round(split.validation * HASH_BUCKETS))
+    return (
+        F.when(bucket < test_cut, F.lit("test"))
+        .when(bucket < validation_cut, F.lit("validation"))
+        .otherwise(F.lit("train"))
+    )
+
+
+def with_derived(df: DataFrame, config: Config) -> DataFrame:
+    for name, expr in config.features.derived.items():
+        try:
+            df = df.withColumn(name, F.expr(expr))
+        except Exception as exc:  # AnalysisException and parse errors both land here
+            raise DataError(
+                f"features.derived.{name}: cannot evaluate '{expr}': {str(exc).splitlines()[0]}"
+            ) from None
+    return df
+
+
+def preprocessing(config: Config) -> Pipeline:
+    """Impute -> index + one-hot -> assemble -> standardise; PCA is added after k is known."""
+    feats = config.features
+    numeric_out = [f"{c}__imputed" for c in feats.numeric]
+    index_out = [f"{c}__index" for c in feats.categorical]
+    onehot_out = [f"{c}__onehot" for c in feats.categorical]
+    stages = []
+    if feats.numeric:
+        stages.append(
+            Imputer(inputCols=feats.numeric, outputCols=numeric_out, strategy=feats.impute)
+        )
+    if feats.categorical:
+        # "keep" gives nulls and categories unseen at fit time their own index, so
+        # scoring never fails on a new carrier or airport.
+        stages.append(
+            StringIndexer(inputCols=feats.categorical, outputCols=index_out, handleInvalid="keep")
+        )
+        stages.append(
+            OneHotEncoder(inputCols=index_out, outputCols=onehot_out, handleInvalid="keep")
+        )
+    stages.append(
+        VectorAssembler(inputCols=numeric_out + onehot_out, outputCol="assembled",
+                        handleInvalid="error")
+    )
+    # Centring makes the vectors dense, which keeps Spark's PCA on its accurate
+    # covariance path (it switches formulas for sparse, mostly-zero rows).
+    stages.append(StandardScaler(inputCol="assembled", outputCol="scaled",
+                                 withMean=True, withStd=True))
+    return Pipeline(stages=stages)
+
+
+def choose_k(explained_variance_ratio: np.ndarray, target: float) -> int:
+    """The fewest leading components whose explained variance reaches `target`."""
+    cumulative = np.cumsum(explained_variance_ratio)
+    reached = np.nonzero(cumulative >= target - 1e-12)[0]
+    return int(reached[0]) + 1 if reached.size else len(explained_variance_ratio)
+
+
+def prepared_table(spark: SparkSession, config: Config, run_dir: RunDir) -> DataFrame:
+    """The cleaned table with derived columns, numeric features as double, and the split."""
+    clean = spark.read.parquet(str(run_dir.require(run_dir.clean, "clean")))
+    df = with_derived(clean, config).withColumn(SPLIT, split_column(config.split))
+    # A column may be both a key and a feature (flights: month); select it once.
+    selected = {c: F.col(c) for c in config.split.key}
+    selected.update({c: F.col(c).cast("double") for c in config.features.numeric})
+    selected.update({c: F.col(c).cast("string") for c in config.features.categorical})
+    selected[config.label.name] = F.col(config.label.name).cast("double")
+    selected[SPLIT] = F.col(SPLIT)
+    return df.select(*[col.alias(name) for name, col in selected.items()])
+
+
+def fit_and_project(spark: SparkSession, config: Config, run_dir: RunDir) -> dict:
+    df = prepared_table(spark, config, run_dir).persist(StorageLevel.MEMORY_AND_DISK)
+    train = df.filter(F.col(SPLIT) == "train")
+    n_train = train.count()
+    if n_train == 0:
+        raise DataError(f"features: the train split of {run_dir.clean} is empty; check split.*")
+
+    prep = preprocessing(config).fit(train)
+    transformed = prep.transform(train)
+    scaled_train = transformed.select("scaled").persist(StorageLevel.MEMORY_AND_DISK)
+    n_features = len(scaled_train.first()["scaled"])
+    names = feature_names(transformed, n_features)
+
+    # Fit all components once to see the spectrum, then keep the fewest that reach
+    # the target share.
+    full = PCA(k=n_features, inputCol="scaled", outputCol=FEATURES).fit(scaled_train)
+    ratios = np.asarray(full.explainedVariance.toArray())
+    k = choose_k(ratios, config.pca.variance)
+    pca = full if k == n_features else (
+        PCA(k=k, inputCol="scaled", outputCol=FEATURES).fit(scaled_train)
+    )
+    scaled_train.unpersist()
+
+    model = PipelineModel(stages=[*prep.stages, pca])
+    model.write().overwrite().save(str(run_dir.feature_pipeline))
+
+    projected = model.transform(df).select(
+        *config.split.key, config.label.name, SPLIT, FEATURES
+    )
+    projected.write.mode("overwrite").partitionBy(SPLIT).parquet(str(run_dir.features))
+    split_counts = {
+        r[SPLIT]: r["count"] for r in df.groupBy(SPLIT).count().collect()
+    }
+    df.unpersist()
+
+    report = {
+        "k": k,
+        "variance_target": config.pca.variance,
+        "variance_kept": float(np.sum(ratios[:k])),
+        "n_features_in": n_features,
+        "feature_names": names,
+        "explained_variance_ratio": [float(r) for r in ratios[:k]],
+        "cumulative_explained_variance": [float(c) for c in np.cumsum(ratios[:k])],
+        "explained_variance_ratio_all": [float(r) for r in ratios],
+        "fitted_on": {"split": "train", "rows": n_train},
+        "rows_by_split": split_counts,
+    }
+    write_json(run_dir.pca, report)
+    log.info(
+        "PCA: %d input features -> k=%d components keeping %.4f of the variance (target %.2f); "
+        "fitted on %d train rows; rows by split %s",
+        n_features, k, report["variance_kept"], config.pca.variance, n_train, split_counts,
+    )
+    return report
+
+
+def feature_names(scaled: DataFrame, n_features: int) -> list[str]:
+    """Names of the assembled vector's slots (one-hot slots as column=value), from the
+    ML attribute metadata Spark attaches to the assembled column."""
+    attrs = scaled.schema["assembled"].metadata.get("ml_attr", {}).get("attrs", {})
+    names = [""] * n_features
+    for group in attrs.values():
+        for attr in group:
+            names[attr["idx"]] = attr.get("name", f"slot_{attr['idx']}")
+    return names

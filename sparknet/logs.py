@@ -1,0 +1,42 @@
+"""Logging: one format for driver and tasks, stage (and rank) in every line."""
+
+import logging
+import sys
+
+FORMAT = "%(asctime)s %(levelname)s sparknet[%(stage)s] %(message)s"
+
+
+class _StageFilter(logging.Filter):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stage = "-"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "stage"):
+            record.stage = self.stage
+        return True
+
+
+_stage_filter = _StageFilter()
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    root = logging.getLogger("sparknet")
+    if any(getattr(h, "_sparknet", False) for h in root.handlers):
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler._sparknet = True  # type: ignore[attr-defined]
+    handler.setFormatter(logging.Formatter(FORMAT, datefmt="%H:%M:%S"))
+    handler.addFilter(_stage_filter)
+    root.addHandler(handler)
+    root.setLevel(level)
+    root.propagate = False
+    # py4j logs every gateway call at INFO.
+    logging.getLogger("py4j").setLevel(logging.WARNING)
+    # pyspark logs every failed query as a page of JSON before raising it; the
+    # exception itself reaches the user once, through sparknet's own message.
+    logging.getLogger("DataFrameQueryContextLogger").setLevel(logging.CRITICAL)
+
+
+def set_stage(stage: str) -> None:
+    _stage_filter.stage = stage

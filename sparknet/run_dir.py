@@ -1,0 +1,110 @@
+"""The run directory: one folder holding every stage's output, so that any stage can
+run alone given the folder the previous stages wrote.
+
+    <run-dir>/
+      raw/                 ingest: the raw files, as shipped
+      clean/               clean: the cleaned, joined rows (Parquet)
+      rejects/             clean: every refused row with source, file, raw record, reason
+      quality.json         clean: row reconciliation, rejects by reason
+      features/            features: rows with split and PCA vector (Parquet)
+      feature_pipeline/    features: the fitted Spark ML PipelineModel
+      pca.json             features: k and explained variance
+      shards/{train,validation,test}/   shard: Petastorm-readable Parquet
+      shards.json          shard: rows and row groups per split
+      model/               train: model.pt (state_dict) + model.json (architecture)
+      train.json           train: per-epoch history, per-rank sample accounting
+      metrics.json         evaluate: test metrics and baselines
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sparknet.errors import RunDirError
+
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass(frozen=True)
+class RunDir:
+    root: Path
+
+    @classmethod
+    def at(cls, path: str | os.PathLike) -> "RunDir":
+        return cls(Path(path).resolve())
+
+    @property
+    def raw(self) -> Path:
+        return self.root / "raw"
+
+    @property
+    def clean(self) -> Path:
+        return self.root / "clean"
+
+    @property
+    def rejects(self) -> Path:
+        return self.root / "rejects"
+
+    @property
+    def quality(self) -> Path:
+        return self.root / "quality.json"
+
+    @property
+    def features(self) -> Path:
+        return self.root / "features"
+
+    @property
+    def feature_pipeline(self) -> Path:
+        return self.root / "feature_pipeline"
+
+    @property
+    def pca(self) -> Path:
+        return self.root / "pca.json"
+
+    @property
+    def shards(self) -> Path:
+        return self.root / "shards"
+
+    def shard(self, split: str) -> Path:
+        return self.shards / split
+
+    @property
+    def shards_manifest(self) -> Path:
+        return self.root / "shards.json"
+
+    @property
+    def model(self) -> Path:
+        return self.root / "model"
+
+    @property
+    def train_report(self) -> Path:
+        return self.root / "train.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.json"
+
+    def require(self, path: Path, stage: str) -> Path:
+        """Fails with the stage to run first when an input is missing."""
+        if not path.exists():
+            raise RunDirError(
+                f"{path} does not exist: run the '{stage}' stage first "
+                f"(jobs/{stage}.py --run-dir {self.root})"
+            )
+        return path
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Writes atomically, so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    tmp.replace(path)
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())

@@ -1,0 +1,251 @@
+"""What runs inside one Spark barrier task: one torch.distributed rank.
+
+Spark task (partition p of the barrier stage) == torch rank p. The task learns the
+world from BarrierTaskContext, rank 0 opens the rendezvous store on a free port and
+shares it through allGather, then every rank trains its Petastorm share under
+DistributedDataParallel, which averages gradients across ranks after each backward.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import logging
+import os
+import time
+import traceback
+from dataclasses import dataclass
+
+import numpy as np
+
+from sparknet.errors import TrainingError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Everything a rank needs, copied out of the config on the driver so the closure
+    shipped to executors holds plain values."""
+
+    train_path: str
+    validation_path: str
+    columns: list[str]
+    hidden: list[int]
+    activation: str
+    dropout: float
+    optimizer: str
+    learning_rate: float
+    weight_decay: float
+    epochs: int
+    batch_size: int
+    seed: int
+    device: str
+    reader_threads: int
+    timeout_s: float
+
+
+def is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def choose_backend(device: str):
+    import torch
+
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise TrainingError("train.device=cuda but torch sees no CUDA device in this task")
+    return ("nccl", "cuda") if use_cuda else ("gloo", "cpu")
+
+
+def init_process_group(context, backend: str, timeout_s: float) -> tuple[int, int]:
+    """Rendezvous through the barrier: rank 0 binds a free port (port 0, so two runs on
+    one machine never collide), allGather hands it to the others."""
+    import torch.distributed as dist
+
+    rank = context.partitionId()
+    infos = context.getTaskInfos()
+    world_size = len(infos)
+    master_addr = infos[0].address.rsplit(":", 1)[0]
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if is_loopback(master_addr):
+        # Keep gloo's own connections on loopback too, not the machine's first interface.
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+
+    store = None
+    if rank == 0:
+        store = dist.TCPStore(master_addr, 0, world_size, is_master=True, timeout=timeout,
+                              wait_for_workers=False)
+        port = store.port
+    else:
+        port = 0
+    ports = context.allGather(str(port))
+    port = int(ports[0])
+    if store is None:
+        store = dist.TCPStore(master_addr, port, world_size, is_master=False, timeout=timeout)
+
+    # torch's environment contract, for user code that reads it.
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0",
+        MASTER_ADDR=master_addr, MASTER_PORT=str(port),
+    )
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
+                            timeout=timeout)
+    return rank, world_size
+
+
+def weights_digest(model) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def run_rank(spec: TaskSpec) -> dict:
+    """Trains one rank; returns its report (rank 0's also carries the weights)."""
+    from pyspark import BarrierTaskContext
+
+    context = BarrierTaskContext.get()
+    rank = context.partitionId()
+    try:
+        return _train(spec, context)
+    except TrainingError:
+        raise
+    except Exception as exc:
+        # A plain message survives the trip to the driver; the traceback rides along.
+        raise TrainingError(
+            f"rank {rank} failed: {type(exc).__name__}: {exc}\n{traceback.format_exc()}"
+        ) from None
+
+
+def _train(spec: TaskSpec, context) -> dict:
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from torch.nn.parallel import DistributedDataParallel
+
+    from sparknet.train.data import iterate_row_groups, rebatch
+    from sparknet.train.model import ModelSpec, build_mlp, state_to_bytes
+
+    threads = max(1, int(context.cpus()))
+    torch.set_num_threads(threads)
+    backend, device_type = choose_backend(spec.device)
+    rank, world_size = init_process_group(context, backend, spec.timeout_s)
+    if device_type == "cuda":
+        gpus = context.resources().get("gpu")
+        index = int(gpus.addresses[0]) if gpus and gpus.addresses else 0
+        device = torch.device("cuda", index)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+
+    try:
+        torch.manual_seed(spec.seed)  # same initial weights on every rank
+        model_spec = ModelSpec(spec.columns, spec.hidden, spec.activation, spec.dropout)
+        model = build_mlp(model_spec).to(device)
+        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.index is not None else None)
+        optimizer = _optimizer(spec, ddp.parameters())
+
+        history = []
+        for epoch in range(spec.epochs):
+            started = time.perf_counter()
+            ddp.train()
+            # Accounting of the samples this rank saw: count, sum and sum of squares of
+            # the dense sample ids; summed over ranks they identify "each id exactly once".
+            seen = torch.zeros(3, dtype=torch.float64)
+            loss_sum = torch.zeros(2, dtype=torch.float64)
+            groups = iterate_row_groups(spec.train_path, spec.columns, rank, world_size,
+                                        spec.seed, epoch, spec.reader_threads)
+            # Ranks may hold a few rows more or less (whole row groups are dealt);
+            # join() lets the early finisher shadow the others' allreduces instead of
+            # leaving them waiting forever.
+            with ddp.join():
+                for ids, x, y in rebatch(groups, spec.batch_size):
+                    features = torch.from_numpy(x).to(device, non_blocking=True)
+                    target = torch.from_numpy(y).to(device, non_blocking=True)
+                    optimizer.zero_grad(set_to_none=True)
+                    logits = ddp(features).squeeze(1)
+                    loss = F.binary_cross_entropy_with_logits(logits, target)
+                    loss.backward()
+                    optimizer.step()
+                    ids_f = ids.astype(np.float64)
+                    seen += torch.tensor([len(ids), ids_f.sum(), (ids_f * ids_f).sum()],
+                                         dtype=torch.float64)
+                    loss_sum += torch.tensor([loss.item() * len(ids), len(ids)],
+                                             dtype=torch.float64)
+            rank_samples = int(seen[0].item())
+            totals = torch.cat([seen, loss_sum]).to(device)
+            dist.all_reduce(totals)
+            totals = totals.cpu()
+            val_loss, val_accuracy, val_rows = _validate(spec, model, rank, world_size, epoch, device)
+            elapsed = time.perf_counter() - started
+            record = {
+                "epoch": epoch,
+                "train_loss": float(totals[3] / max(totals[4], 1)),
+                "validation_loss": val_loss,
+                "validation_accuracy": val_accuracy,
+                "validation_rows": val_rows,
+                "samples": int(totals[0]),
+                "sample_id_sum": float(totals[1]),
+                "sample_id_square_sum": float(totals[2]),
+                "rank_samples": rank_samples,
+                "seconds": elapsed,
+            }
+            history.append(record)
+            if rank == 0:
+                log.info(
+                    "rank 0/%d epoch %d: train loss %.4f, validation loss %.4f, accuracy %.4f, "
+                    "%d samples in %.1f s", world_size, epoch, record["train_loss"], val_loss,
+                    val_accuracy, record["samples"], elapsed,
+                )
+        result = {
+            "rank": rank,
+            "world_size": world_size,
+            "backend": backend,
+            "torch_threads": threads,
+            "history": history,
+            "weights_digest": weights_digest(model),
+        }
+        if rank == 0:
+            result["state"] = state_to_bytes(model)
+        dist.barrier()
+        return result
+    finally:
+        dist.destroy_process_group()
+
+
+def _optimizer(spec: TaskSpec, params):
+    import torch
+
+    if spec.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=spec.learning_rate, momentum=0.9,
+                               weight_decay=spec.weight_decay)
+    cls = torch.optim.AdamW if spec.optimizer == "adamw" else torch.optim.Adam
+    return cls(params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
+
+
+def _validate(spec: TaskSpec, model, rank: int, world_size: int, epoch: int, device):
+    """Loss and accuracy on the validation split, each rank its share, summed by allreduce."""
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from sparknet.train.data import iterate_row_groups
+
+    model.eval()
+    sums = torch.zeros(3, dtype=torch.float64)  # loss * n, correct, n
+    with torch.no_grad():
+        for _, x, y in iterate_row_groups(spec.validation_path, spec.columns, rank, world_size,
+                                          spec.seed, epoch, spec.reader_threads, shuffle=False):
+            logits = model(torch.from_numpy(x).to(device)).squeeze(1).cpu()
+            target = torch.from_numpy(y)
+            loss = F.binary_cross_entropy_with_logits(logits.double(), target.double(),
+                                                      reduction="sum")
+            correct = ((logits > 0).float() == target).sum()
+            sums += torch.tensor([loss.item(), correct.item(), len(y)], dtype=torch.float64)
+    sums = sums.to(device)
+    dist.all_reduce(sums)
+    sums = sums.cpu()
+    n = max(float(sums[2]), 1.0)
+    return float(sums[0]) / n, float(sums[1]) / n, int(sums[2])
