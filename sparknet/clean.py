@@ -98,9 +98,11 @@ def _check_header(name: str, src: SourceConfig, path: str) -> None:
     if header != expected:
         missing = [c for c in expected if c not in header]
         extra = [c for c in header if c not in expected]
+        found = f"missing {missing}, unexpected {extra}" if missing or extra else (
+            f"same columns in another order {header}")
         raise DataError(
             f"sources.{name}: {path} header does not match sources.{name}.columns: "
-            f"missing {missing}, unexpected {extra}; expected the columns in this order: {expected}"
+            f"{found}; expected the columns in this order: {expected}"
         )
 
 

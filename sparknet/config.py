@@ -110,7 +110,7 @@ class TrainConfig:
     batch_size: int = 512
     seed: int = 13
     device: str = "auto"
-    reader_threads: int = 2
+    prefetch_row_groups: int = 2  # row groups read ahead of training, per rank
     timeout_s: float = 600.0  # torch.distributed collective timeout
 
 
@@ -145,16 +145,21 @@ _Yaml12Loader.add_implicit_resolver(
 )
 
 
-def load_config(path: str | Path) -> Config:
+def read_yaml(path: str | Path) -> Any:
     path = Path(path)
     try:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
     try:
-        data = yaml.load(text, Loader=_Yaml12Loader)
+        return yaml.load(text, Loader=_Yaml12Loader)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+
+
+def load_config(path: str | Path) -> Config:
+    path = Path(path)
+    data = read_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     data = {**data, "path": str(path)}
@@ -302,8 +307,10 @@ def _check(c: Config) -> None:
         )
     _positive(f"{w}: shard.rows_per_row_group", c.shard.rows_per_row_group)
     t = c.train
-    for key in ("workers", "epochs", "batch_size", "learning_rate", "timeout_s", "reader_threads"):
+    for key in ("workers", "epochs", "batch_size", "learning_rate", "timeout_s"):
         _positive(f"{w}: train.{key}", getattr(t, key))
+    if t.prefetch_row_groups < 0:
+        raise ConfigError(f"{w}: train.prefetch_row_groups: must be >= 0, got {t.prefetch_row_groups}")
     for i, width in enumerate(t.hidden):
         _positive(f"{w}: train.hidden[{i}]", width)
     if not 0 <= t.dropout < 1:

@@ -76,14 +76,13 @@ def preprocessing(config: Config) -> Pipeline:
             Imputer(inputCols=feats.numeric, outputCols=numeric_out, strategy=feats.impute)
         )
     if feats.categorical:
-        # "keep" gives nulls and categories unseen at fit time their own index, so
-        # scoring never fails on a new carrier or airport.
+        # "keep" gives nulls and categories unseen at fit time one extra, last index, so
+        # scoring never fails on a new carrier or airport. The encoder's dropLast then
+        # makes that index the all-zero vector: one slot per category seen in training.
         stages.append(
             StringIndexer(inputCols=feats.categorical, outputCols=index_out, handleInvalid="keep")
         )
-        stages.append(
-            OneHotEncoder(inputCols=index_out, outputCols=onehot_out, handleInvalid="keep")
-        )
+        stages.append(OneHotEncoder(inputCols=index_out, outputCols=onehot_out, dropLast=True))
     stages.append(
         VectorAssembler(inputCols=numeric_out + onehot_out, outputCol="assembled",
                         handleInvalid="error")

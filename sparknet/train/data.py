@@ -1,13 +1,23 @@
-"""Streaming a rank's share of a split from Parquet with Petastorm, as tensors.
+"""Streaming a rank's share of a split from Parquet with Petastorm, as arrays.
 
 Petastorm deals row groups to ranks round-robin (`cur_shard=rank`,
 `shard_count=world_size`); the ranks' shares are disjoint and together cover the
 split. Row-group order is shuffled with `seed + epoch`, and rows inside a row group
-are permuted with the same seed, so a rerun sees the same order.
+are permuted with the same seed, so every rank and every rerun agree on the order.
+
+NOTE [petastorm thread pool]: petastorm 0.13.1's "thread" reader pool can end a
+reader before it has read anything: ThreadPool.get_results checks "all workers done"
+and then "ventilator completed" as two separate reads, and when the ventilator thread
+hands out every item in between, the reader raises end-of-data with no rows (measured
+here: 3 of 30 readers over 2 row groups returned nothing). So petastorm runs with its
+synchronous "dummy" pool, and one prefetch thread of ours reads ahead so that
+reading still overlaps compute.
 """
 
 from __future__ import annotations
 
+import queue
+import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +26,8 @@ import numpy as np
 
 from sparknet.shard import LABEL, SAMPLE_ID
 
+Batch = tuple[np.ndarray, np.ndarray, np.ndarray]
+
 
 def dataset_url(path: str | Path) -> str:
     text = str(path)
@@ -23,27 +35,25 @@ def dataset_url(path: str | Path) -> str:
 
 
 def quiet_reader_warnings() -> None:
-    """Process-wide on purpose: petastorm's reader threads emit them, where a
-    catch_warnings() block in this thread would not reach. pyarrow 12's legacy dataset
-    API (which petastorm 0.13 uses) warns on every call, and petastorm leaves files to
-    the garbage collector."""
+    """Process-wide on purpose: the prefetch thread emits them, where a catch_warnings()
+    block in the caller's thread would not reach. pyarrow 12's legacy dataset API (which
+    petastorm 0.13 uses) warns on every call, and petastorm leaves files to the GC."""
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=ResourceWarning)
 
 
-def iterate_row_groups(
+def read_row_groups(
     path: str | Path,
     columns: list[str],
     rank: int,
     world_size: int,
     seed: int,
     epoch: int,
-    reader_threads: int,
     shuffle: bool = True,
-) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+) -> Iterator[Batch]:
     """Yields (sample_id int64 (n,), features float32 (n, k), label float32 (n,)) per
-    Petastorm batch, converting column-wise."""
+    row group of this rank's share, converting column-wise."""
     quiet_reader_warnings()
     from petastorm import make_batch_reader
 
@@ -54,8 +64,7 @@ def iterate_row_groups(
         num_epochs=1,
         shuffle_row_groups=shuffle,
         seed=seed + epoch,
-        reader_pool_type="thread",
-        workers_count=reader_threads,
+        reader_pool_type="dummy",
     )
     rng = np.random.default_rng(seed + epoch)
     try:
@@ -73,12 +82,75 @@ def iterate_row_groups(
         reader.join()
 
 
-def rebatch(
-    groups: Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]], batch_size: int
-) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+_DONE = object()
+
+
+def prefetch(items: Iterator, depth: int) -> Iterator:
+    """Runs `items` on a background thread, `depth` items ahead of the consumer.
+    Errors reach the consumer; a consumer that stops early stops the thread."""
+    if depth <= 0:
+        yield from items
+        return
+    buffer: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                buffer.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    break
+        except BaseException as exc:  # handed to the consumer, re-raised there
+            put(exc)
+            return
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+        put(_DONE)
+
+    thread = threading.Thread(target=produce, name="sparknet-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = buffer.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+def iterate_row_groups(
+    path: str | Path,
+    columns: list[str],
+    rank: int,
+    world_size: int,
+    seed: int,
+    epoch: int,
+    prefetch_row_groups: int = 2,
+    shuffle: bool = True,
+) -> Iterator[Batch]:
+    """This rank's row groups for one epoch, read `prefetch_row_groups` ahead."""
+    groups = read_row_groups(path, columns, rank, world_size, seed, epoch, shuffle)
+    return prefetch(groups, prefetch_row_groups)
+
+
+def rebatch(groups: Iterator[Batch], batch_size: int) -> Iterator[Batch]:
     """Cuts a stream of row groups into batches of `batch_size`; the short last batch of
     an epoch is kept, not dropped or padded, so every sample is trained on once."""
-    pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    pending: list[Batch] = []
     held = 0
     for group in groups:
         pending.append(group)

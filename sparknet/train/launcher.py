@@ -35,7 +35,7 @@ def task_spec(config: Config, run_dir: RunDir, columns: list[str]) -> TaskSpec:
         batch_size=t.batch_size,
         seed=t.seed,
         device=t.device,
-        reader_threads=t.reader_threads,
+        prefetch_row_groups=t.prefetch_row_groups,
         timeout_s=t.timeout_s,
     )
 

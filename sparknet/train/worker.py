@@ -41,7 +41,7 @@ class TaskSpec:
     batch_size: int
     seed: int
     device: str
-    reader_threads: int
+    prefetch_row_groups: int
     timeout_s: float
 
 
@@ -156,7 +156,7 @@ def _train(spec: TaskSpec, context) -> dict:
             seen = torch.zeros(3, dtype=torch.float64)
             loss_sum = torch.zeros(2, dtype=torch.float64)
             groups = iterate_row_groups(spec.train_path, spec.columns, rank, world_size,
-                                        spec.seed, epoch, spec.reader_threads)
+                                        spec.seed, epoch, spec.prefetch_row_groups)
             # Ranks may hold a few rows more or less (whole row groups are dealt);
             # join() lets the early finisher shadow the others' allreduces instead of
             # leaving them waiting forever.
@@ -237,7 +237,7 @@ def _validate(spec: TaskSpec, model, rank: int, world_size: int, epoch: int, dev
     sums = torch.zeros(3, dtype=torch.float64)  # loss * n, correct, n
     with torch.no_grad():
         for _, x, y in iterate_row_groups(spec.validation_path, spec.columns, rank, world_size,
-                                          spec.seed, epoch, spec.reader_threads, shuffle=False):
+                                          spec.seed, epoch, spec.prefetch_row_groups, shuffle=False):
             logits = model(torch.from_numpy(x).to(device)).squeeze(1).cpu()
             target = torch.from_numpy(y)
             loss = F.binary_cross_entropy_with_logits(logits.double(), target.double(),

