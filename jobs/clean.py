@@ -1,7 +1,7 @@
 """The clean stage: parse, reject with reasons, join; writes clean/, rejects/, quality.json.
 
-    python jobs/clean.py --config conf/flights.yaml --run-dir DIR
-    spark-submit --master URL jobs/clean.py --config conf/flights.yaml --run-dir DIR
+python jobs/clean.py --config conf/flights.yaml --run-dir DIR
+spark-submit --master URL jobs/clean.py --config conf/flights.yaml --run-dir DIR
 """
 
 import sys

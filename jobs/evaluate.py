@@ -1,7 +1,7 @@
 """The evaluate stage: score the test split; writes metrics.json.
 
-    python jobs/evaluate.py --config conf/flights.yaml --run-dir DIR
-    spark-submit --master URL jobs/evaluate.py --config conf/flights.yaml --run-dir DIR
+python jobs/evaluate.py --config conf/flights.yaml --run-dir DIR
+spark-submit --master URL jobs/evaluate.py --config conf/flights.yaml --run-dir DIR
 """
 
 import sys

@@ -1,7 +1,9 @@
-"""The features stage: impute, encode, scale, PCA fitted on train; writes features/, feature_pipeline/, pca.json.
+"""The features stage: impute, encode, scale, PCA fitted on train.
 
-    python jobs/features.py --config conf/flights.yaml --run-dir DIR
-    spark-submit --master URL jobs/features.py --config conf/flights.yaml --run-dir DIR
+Writes features/, feature_pipeline/ and pca.json.
+
+python jobs/features.py --config conf/flights.yaml --run-dir DIR
+spark-submit --master URL jobs/features.py --config conf/flights.yaml --run-dir DIR
 """
 
 import sys

@@ -1,7 +1,7 @@
 """The ingest stage: copy the raw files into <run-dir>/raw.
 
-    python jobs/ingest.py --config conf/flights.yaml --run-dir DIR
-    spark-submit --master URL jobs/ingest.py --config conf/flights.yaml --run-dir DIR
+python jobs/ingest.py --config conf/flights.yaml --run-dir DIR
+spark-submit --master URL jobs/ingest.py --config conf/flights.yaml --run-dir DIR
 """
 
 import sys

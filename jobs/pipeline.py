@@ -1,7 +1,7 @@
 """The whole pipeline: ingest -> clean -> features -> shard -> train -> evaluate.
 
-    python jobs/pipeline.py --config conf/flights.yaml [--run-dir DIR]
-    spark-submit --master URL jobs/pipeline.py --config conf/flights.yaml [--run-dir DIR]
+python jobs/pipeline.py --config conf/flights.yaml [--run-dir DIR]
+spark-submit --master URL jobs/pipeline.py --config conf/flights.yaml [--run-dir DIR]
 """
 
 import sys

@@ -1,7 +1,7 @@
 """The shard stage: write the splits as Petastorm-readable Parquet; writes shards/, shards.json.
 
-    python jobs/shard.py --config conf/flights.yaml --run-dir DIR
-    spark-submit --master URL jobs/shard.py --config conf/flights.yaml --run-dir DIR
+python jobs/shard.py --config conf/flights.yaml --run-dir DIR
+spark-submit --master URL jobs/shard.py --config conf/flights.yaml --run-dir DIR
 """
 
 import sys

@@ -1,7 +1,7 @@
 """The train stage: DDP training in Spark barrier tasks; writes model/, train.json.
 
-    python jobs/train.py --config conf/flights.yaml --run-dir DIR
-    spark-submit --master URL jobs/train.py --config conf/flights.yaml --run-dir DIR
+python jobs/train.py --config conf/flights.yaml --run-dir DIR
+spark-submit --master URL jobs/train.py --config conf/flights.yaml --run-dir DIR
 """
 
 import sys

@@ -1,4 +1,4 @@
-"""sparknet: Spark cleaning, PCA and sharding feeding PyTorch DDP training in Spark barrier tasks."""
+"""sparknet: Spark cleaning, PCA and sharding feeding PyTorch DDP training in barrier tasks."""
 
 # pyarrow 12 is pinned for petastorm and carries CVE-2023-47248; the hotfix must be
 # active in every interpreter that reads Arrow/Parquet. Importing sparknet installs it,

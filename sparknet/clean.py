@@ -98,8 +98,11 @@ def _check_header(name: str, src: SourceConfig, path: str) -> None:
     if header != expected:
         missing = [c for c in expected if c not in header]
         extra = [c for c in header if c not in expected]
-        found = f"missing {missing}, unexpected {extra}" if missing or extra else (
-            f"same columns in another order {header}")
+        found = (
+            f"missing {missing}, unexpected {extra}"
+            if missing or extra
+            else (f"same columns in another order {header}")
+        )
         raise DataError(
             f"sources.{name}: {path} header does not match sources.{name}.columns: "
             f"{found}; expected the columns in this order: {expected}"
@@ -244,7 +247,11 @@ def clean(spark: SparkSession, config: Config, run_dir: RunDir) -> dict:
         quality["sources"][name] = report
         log.info(
             "source %s: %d rows in, %d clean, %d rejected %s",
-            name, rows_in, n_clean, report["rejected"], report["rejected_by_reason"],
+            name,
+            rows_in,
+            n_clean,
+            report["rejected"],
+            report["rejected_by_reason"],
         )
         if rows_in == 0:
             raise DataError(f"sources.{name}: {path} has no data rows")
@@ -272,14 +279,19 @@ def clean(spark: SparkSession, config: Config, run_dir: RunDir) -> dict:
         stats = joined.agg(
             F.count(F.lit(1)).alias("rows"), *[F.count(f).alias(f) for f in flags]
         ).first()
-        for join, f in zip(config.joins, flags):
+        for join, f in zip(config.joins, flags, strict=True):
             quality["joins"][join.source] = {
                 "on": join.on,
                 "matched": stats[f],
                 "unmatched": stats["rows"] - stats[f],
             }
-            log.info("join %s on %s: %d matched, %d unmatched (kept, lookup columns null)",
-                     join.source, join.on, stats[f], stats["rows"] - stats[f])
+            log.info(
+                "join %s on %s: %d matched, %d unmatched (kept, lookup columns null)",
+                join.source,
+                join.on,
+                stats[f],
+                stats["rows"] - stats[f],
+            )
     joined = joined.drop(*flags)
 
     joined.write.mode("overwrite").parquet(str(run_dir.clean))

@@ -20,7 +20,8 @@ log = logging.getLogger("sparknet")
 def parse_args(stages: Sequence[str], argv: Sequence[str] | None) -> argparse.Namespace:
     whole = len(stages) > 1
     parser = argparse.ArgumentParser(
-        description=f"sparknet: run {'the stages ' + ', '.join(stages) if whole else 'the ' + stages[0] + ' stage'}",
+        description="sparknet: run "
+        + (f"the stages {', '.join(stages)}" if whole else f"the {stages[0]} stage"),
     )
     parser.add_argument("--config", required=True, help="dataset YAML, e.g. conf/flights.yaml")
     parser.add_argument(
@@ -61,11 +62,18 @@ def main(stages: Sequence[str], argv: Sequence[str] | None = None) -> int:
             set_stage(name)
             stage_started = time.perf_counter()
             report = STAGES[name](spark, config, run_dir)
-            log.info("done: %d rows in %.1f s", rows_of(name, report),
-                     time.perf_counter() - stage_started)
+            log.info(
+                "done: %d rows in %.1f s",
+                rows_of(name, report),
+                time.perf_counter() - stage_started,
+            )
         set_stage("-")
-        log.info("finished %s in %.1f s; outputs in %s", ", ".join(stages),
-                 time.perf_counter() - started, run_dir.root)
+        log.info(
+            "finished %s in %.1f s; outputs in %s",
+            ", ".join(stages),
+            time.perf_counter() - started,
+            run_dir.root,
+        )
         return 0
     except SparknetError as exc:
         log.error("%s", exc)

@@ -202,7 +202,8 @@ def _build(tp: Any, value: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         return {
-            _build(key_tp, k, f"{where}"): _build(val_tp, v, f"{where}.{k}") for k, v in value.items()
+            _build(key_tp, k, f"{where}"): _build(val_tp, v, f"{where}.{k}")
+            for k, v in value.items()
         }
     if origin is list:
         (item_tp,) = typing.get_args(tp)
@@ -247,7 +248,9 @@ def _check(c: Config) -> None:
     """Cross-field rules that types alone cannot express."""
     w = c.path
     if c.main not in c.sources:
-        raise ConfigError(f"{w}: main: '{c.main}' is not a source; sources are {', '.join(c.sources)}")
+        raise ConfigError(
+            f"{w}: main: '{c.main}' is not a source; sources are {', '.join(c.sources)}"
+        )
     for name, src in c.sources.items():
         where = f"{w}: sources.{name}"
         _one_of(f"{where}.format", src.format, ("csv", "parquet", "json"))
@@ -276,7 +279,9 @@ def _check(c: Config) -> None:
                 raise ConfigError(f"{where}.on: '{col}' is not a column of sources.{c.main}")
         for col, new in join.select.items():
             if col not in lookup.columns:
-                raise ConfigError(f"{where}.select: '{col}' is not a column of sources.{join.source}")
+                raise ConfigError(
+                    f"{where}.select: '{col}' is not a column of sources.{join.source}"
+                )
             if new in available:
                 raise ConfigError(f"{where}.select: '{new}' would overwrite an existing column")
             available.add(new)
@@ -289,7 +294,8 @@ def _check(c: Config) -> None:
         for col in getattr(c.features, listed):
             if col not in available:
                 raise ConfigError(
-                    f"{w}: features.{listed}: '{col}' is neither a cleaned, joined nor derived column"
+                    f"{w}: features.{listed}: '{col}' is neither a cleaned, joined "
+                    "nor derived column"
                 )
     if not c.features.numeric and not c.features.categorical:
         raise ConfigError(f"{w}: features: list at least one numeric or categorical column")
@@ -299,8 +305,11 @@ def _check(c: Config) -> None:
             raise ConfigError(f"{w}: split.key: '{col}' is not a column of sources.{c.main}")
     if not 0 < c.pca.variance <= 1:
         raise ConfigError(f"{w}: pca.variance: must be in (0, 1], got {c.pca.variance}")
-    if not (0 <= c.split.validation < 1 and 0 < c.split.test < 1
-            and c.split.validation + c.split.test < 1):
+    if not (
+        0 <= c.split.validation < 1
+        and 0 < c.split.test < 1
+        and c.split.validation + c.split.test < 1
+    ):
         raise ConfigError(
             f"{w}: split: validation ({c.split.validation}) and test ({c.split.test}) "
             "must be shares in [0, 1) leaving some rows for training"
@@ -310,7 +319,9 @@ def _check(c: Config) -> None:
     for key in ("workers", "epochs", "batch_size", "learning_rate", "timeout_s"):
         _positive(f"{w}: train.{key}", getattr(t, key))
     if t.prefetch_row_groups < 0:
-        raise ConfigError(f"{w}: train.prefetch_row_groups: must be >= 0, got {t.prefetch_row_groups}")
+        raise ConfigError(
+            f"{w}: train.prefetch_row_groups: must be >= 0, got {t.prefetch_row_groups}"
+        )
     for i, width in enumerate(t.hidden):
         _positive(f"{w}: train.hidden[{i}]", width)
     if not 0 <= t.dropout < 1:

@@ -43,8 +43,9 @@ def score(df: DataFrame, spec: ModelSpec, state: bytes) -> DataFrame:
             for batch in batches:
                 x = torch.from_numpy(batch[columns].to_numpy(dtype=np.float32))
                 p = torch.sigmoid(model(x).squeeze(1)).double().numpy()
-                yield pd.DataFrame({SAMPLE_ID: batch[SAMPLE_ID], LABEL: batch[LABEL],
-                                    PROBABILITY: p})
+                yield pd.DataFrame(
+                    {SAMPLE_ID: batch[SAMPLE_ID], LABEL: batch[LABEL], PROBABILITY: p}
+                )
 
     schema = f"{SAMPLE_ID} long, {LABEL} float, {PROBABILITY} double"
     return df.select(SAMPLE_ID, LABEL, *columns).mapInPandas(predict, schema)
@@ -94,4 +95,6 @@ def metrics_table(metrics: dict) -> str:
         m = metrics[name]
         rows.append((name, f"{m['accuracy']:.4f}", f"{m['roc_auc']:.4f}", f"{m['log_loss']:.4f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(r, widths)) for r in rows)
+    return "\n".join(
+        "  ".join(cell.rjust(w) for cell, w in zip(r, widths, strict=True)) for r in rows
+    )

@@ -84,13 +84,15 @@ def preprocessing(config: Config) -> Pipeline:
         )
         stages.append(OneHotEncoder(inputCols=index_out, outputCols=onehot_out, dropLast=True))
     stages.append(
-        VectorAssembler(inputCols=numeric_out + onehot_out, outputCol="assembled",
-                        handleInvalid="error")
+        VectorAssembler(
+            inputCols=numeric_out + onehot_out, outputCol="assembled", handleInvalid="error"
+        )
     )
     # Centring makes the vectors dense, which keeps Spark's PCA on its accurate
     # covariance path (it switches formulas for sparse, mostly-zero rows).
-    stages.append(StandardScaler(inputCol="assembled", outputCol="scaled",
-                                 withMean=True, withStd=True))
+    stages.append(
+        StandardScaler(inputCol="assembled", outputCol="scaled", withMean=True, withStd=True)
+    )
     return Pipeline(stages=stages)
 
 
@@ -132,21 +134,19 @@ def fit_and_project(spark: SparkSession, config: Config, run_dir: RunDir) -> dic
     full = PCA(k=n_features, inputCol="scaled", outputCol=FEATURES).fit(scaled_train)
     ratios = np.asarray(full.explainedVariance.toArray())
     k = choose_k(ratios, config.pca.variance)
-    pca = full if k == n_features else (
-        PCA(k=k, inputCol="scaled", outputCol=FEATURES).fit(scaled_train)
+    pca = (
+        full
+        if k == n_features
+        else (PCA(k=k, inputCol="scaled", outputCol=FEATURES).fit(scaled_train))
     )
     scaled_train.unpersist()
 
     model = PipelineModel(stages=[*prep.stages, pca])
     model.write().overwrite().save(str(run_dir.feature_pipeline))
 
-    projected = model.transform(df).select(
-        *config.split.key, config.label.name, SPLIT, FEATURES
-    )
+    projected = model.transform(df).select(*config.split.key, config.label.name, SPLIT, FEATURES)
     projected.write.mode("overwrite").partitionBy(SPLIT).parquet(str(run_dir.features))
-    split_counts = {
-        r[SPLIT]: r["count"] for r in df.groupBy(SPLIT).count().collect()
-    }
+    split_counts = {r[SPLIT]: r["count"] for r in df.groupBy(SPLIT).count().collect()}
     df.unpersist()
 
     report = {
@@ -165,7 +165,12 @@ def fit_and_project(spark: SparkSession, config: Config, run_dir: RunDir) -> dic
     log.info(
         "PCA: %d input features -> k=%d components keeping %.4f of the variance (target %.2f); "
         "fitted on %d train rows; rows by split %s",
-        n_features, k, report["variance_kept"], config.pca.variance, n_train, split_counts,
+        n_features,
+        k,
+        report["variance_kept"],
+        config.pca.variance,
+        n_train,
+        split_counts,
     )
     return report
 

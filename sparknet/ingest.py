@@ -50,7 +50,9 @@ def ingest(config: Config, run_dir: RunDir) -> dict[str, int]:
     for inside, target_name in spec.files.items():
         source = available.get(inside)
         if source is None or not source.is_file():
-            data_files = sorted(k for k in available if "/" in k and not k.endswith((".py", ".pyc")))
+            data_files = sorted(
+                k for k in available if "/" in k and not k.endswith((".py", ".pyc"))
+            )
             raise ConfigError(
                 f"ingest.files: '{inside}' is not a file of package {spec.package}; "
                 f"it has {', '.join(data_files) or 'no data files'}"

@@ -66,8 +66,14 @@ def with_dense_ids(df: DataFrame, order: list) -> DataFrame:
 
 
 def write_split(
-    spark: SparkSession, df: DataFrame, out: Path, k: int, rows_per_group: int, min_groups: int,
-    key: list[str], seed: int,
+    spark: SparkSession,
+    df: DataFrame,
+    out: Path,
+    k: int,
+    rows_per_group: int,
+    min_groups: int,
+    key: list[str],
+    seed: int,
 ) -> dict:
     n = df.count()
     if n == 0:
@@ -130,18 +136,33 @@ def shard(spark: SparkSession, config: Config, run_dir: RunDir) -> dict:
     features = spark.read.parquet(str(run_dir.require(run_dir.features, "features")))
     k = len(features.select(FEATURES).first()[FEATURES])
     label = F.col(config.label.name).alias(LABEL)
-    manifest = {"k": k, "columns": component_columns(k), "label": LABEL, "id": SAMPLE_ID,
-                "splits": {}}
+    manifest = {
+        "k": k,
+        "columns": component_columns(k),
+        "label": LABEL,
+        "id": SAMPLE_ID,
+        "splits": {},
+    }
     for split in SPLITS:
         part = features.filter(F.col(SPLIT) == split).select(*config.split.key, label, FEATURES)
         info = write_split(
-            spark, part, run_dir.shard(split), k, config.shard.rows_per_row_group,
-            config.train.workers, config.split.key, config.split.seed,
+            spark,
+            part,
+            run_dir.shard(split),
+            k,
+            config.shard.rows_per_row_group,
+            config.train.workers,
+            config.split.key,
+            config.split.seed,
         )
         manifest["splits"][split] = info
         log.info(
-            "%s: %d rows in %d row groups (%d-%d rows each)", split, info["rows"],
-            info["row_groups"], info["rows_per_row_group"]["min"], info["rows_per_row_group"]["max"],
+            "%s: %d rows in %d row groups (%d-%d rows each)",
+            split,
+            info["rows"],
+            info["row_groups"],
+            info["rows_per_row_group"]["min"],
+            info["rows_per_row_group"]["max"],
         )
     write_json(run_dir.shards_manifest, manifest)
     return manifest

@@ -59,8 +59,13 @@ def small_training(data: dict, epochs: int = 3) -> dict:
     data = copy.deepcopy(data)
     data["shard"] = {"rows_per_row_group": 2048}
     data["train"].update(epochs=epochs, timeout_s=120)
-    data["spark"] = {"conf": {"spark.ui.enabled": "false", "spark.driver.memory": "2g",
-                              "spark.sql.shuffle.partitions": "4"}}
+    data["spark"] = {
+        "conf": {
+            "spark.ui.enabled": "false",
+            "spark.driver.memory": "2g",
+            "spark.sql.shuffle.partitions": "4",
+        }
+    }
     return data
 
 
@@ -109,26 +114,48 @@ def synthetic_clean(spark, path, n=3_000, seed=0):
     x1, x2 = rng.normal(size=n), rng.normal(size=n)
     rows = []
     for i in range(n):
-        rows.append((i, float(x1[i]), float(x2[i]), float(x1[i] + x2[i]),
-                     None if i % 10 == 0 else float(i % 7), "abc"[i % 3],
-                     float(x1[i] + 0.3 * x2[i] > 0)))
-    df = spark.createDataFrame(rows, "id long, x1 double, x2 double, x3 double, x4 double, "
-                                     "cat string, y double")
+        rows.append(
+            (
+                i,
+                float(x1[i]),
+                float(x2[i]),
+                float(x1[i] + x2[i]),
+                None if i % 10 == 0 else float(i % 7),
+                "abc"[i % 3],
+                float(x1[i] + 0.3 * x2[i] > 0),
+            )
+        )
+    df = spark.createDataFrame(
+        rows, "id long, x1 double, x2 double, x3 double, x4 double, cat string, y double"
+    )
     df.write.mode("overwrite").parquet(str(path))
     return df
 
 
 def synthetic_config(variance=0.95, train=None, shard=None):
-    return config_from_dict({
-        "name": "synthetic",
-        "sources": {"rows": {"path": "rows.csv", "columns": {
-            "id": "long", "x1": "double", "x2": "double", "x3": "double", "x4": "double",
-            "cat": "string", "y_raw": "double"}}},
-        "main": "rows",
-        "label": {"name": "y", "expr": "y_raw", "requires": ["y_raw"]},
-        "features": {"numeric": ["x1", "x2", "x3", "x4"], "categorical": ["cat"]},
-        "pca": {"variance": variance},
-        "split": {"key": ["id"], "validation": 0.1, "test": 0.2},
-        "train": {"workers": 2, "timeout_s": 60, **(train or {})},
-        "shard": shard or {"rows_per_row_group": 16384},
-    })
+    return config_from_dict(
+        {
+            "name": "synthetic",
+            "sources": {
+                "rows": {
+                    "path": "rows.csv",
+                    "columns": {
+                        "id": "long",
+                        "x1": "double",
+                        "x2": "double",
+                        "x3": "double",
+                        "x4": "double",
+                        "cat": "string",
+                        "y_raw": "double",
+                    },
+                }
+            },
+            "main": "rows",
+            "label": {"name": "y", "expr": "y_raw", "requires": ["y_raw"]},
+            "features": {"numeric": ["x1", "x2", "x3", "x4"], "categorical": ["cat"]},
+            "pca": {"variance": variance},
+            "split": {"key": ["id"], "validation": 0.1, "test": 0.2},
+            "train": {"workers": 2, "timeout_s": 60, **(train or {})},
+            "shard": shard or {"rows_per_row_group": 16384},
+        }
+    )

@@ -47,8 +47,13 @@ def trips_config(**overrides) -> dict:
             "trips": {
                 "path": "trips.csv",
                 "options": {"header": "true", "nullValue": "NA"},
-                "columns": {"id": "int", "city": "string", "km": "double",
-                            "late_min": "double", "day": "date"},
+                "columns": {
+                    "id": "int",
+                    "city": "string",
+                    "km": "double",
+                    "late_min": "double",
+                    "day": "date",
+                },
                 "required": ["id", "city"],
             },
             "cities": {
@@ -139,11 +144,16 @@ def test_counts_do_not_depend_on_the_columns_read(spark, cleaned):
     [
         ("", "trips.csv is empty; expected a header line"),
         ("id,city,km,late_min,day\n", "has no data rows"),
-        ("id,city,km,day\n1,A,2,2024-01-01\n", "header does not match sources.trips.columns: "
-                                                r"missing \['late_min'\]"),
+        (
+            "id,city,km,day\n1,A,2,2024-01-01\n",
+            "header does not match sources.trips.columns: "
+            r"missing \['late_min'\]",
+        ),
         ("id,km,city,late_min,day\n1,2,A,3,2024-01-01\n", "same columns in another order"),
-        ("id,city,km,late_min,day\nx,A,1,1,2024-01-01\n,B,1,1,2024-01-01\n",
-         "all 2 rows of .*trips.csv were rejected"),
+        (
+            "id,city,km,late_min,day\nx,A,1,1,2024-01-01\n,B,1,1,2024-01-01\n",
+            "all 2 rows of .*trips.csv were rejected",
+        ),
     ],
 )
 def test_unusable_input_fails_with_the_file_and_column(spark, tmp_path, trips, message):

@@ -2,10 +2,9 @@ import copy
 
 import pytest
 
+from conftest import FLIGHTS_YAML, flights_config_dict
 from sparknet.config import config_from_dict, load_config
 from sparknet.errors import ConfigError
-
-from conftest import FLIGHTS_YAML, flights_config_dict
 
 
 def test_flights_config_loads_with_yaml12_booleans():
@@ -32,11 +31,15 @@ def test_leaking_columns_are_not_features():
         (lambda d: d["train"].update(epochs="many"), "train.epochs: expected an integer"),
         (lambda d: d["pca"].update(variance=1.5), "pca.variance: must be in (0, 1]"),
         (lambda d: d.update(main="nope"), "main: 'nope' is not a source"),
-        (lambda d: d["sources"]["flights"]["columns"].update(year="integer"),
-         "sources.flights.columns.year: 'integer' is not one of"),
+        (
+            lambda d: d["sources"]["flights"]["columns"].update(year="integer"),
+            "sources.flights.columns.year: 'integer' is not one of",
+        ),
         (lambda d: d["joins"][0].update(on=["origin"]), "must equal sources.weather.key"),
-        (lambda d: d["features"]["numeric"].append("dep_delay_x"),
-         "features.numeric: 'dep_delay_x' is neither"),
+        (
+            lambda d: d["features"]["numeric"].append("dep_delay_x"),
+            "features.numeric: 'dep_delay_x' is neither",
+        ),
         (lambda d: d["split"].update(test=0.6, validation=0.5), "split: validation (0.5)"),
         (lambda d: d.pop("label"), "missing required key 'label'"),
     ],

@@ -16,8 +16,9 @@ def groups_of(sizes):
         start += size
 
 
-@pytest.mark.parametrize("sizes, batch", [([300, 50, 700], 256), ([10, 10], 64), ([512], 256),
-                                          ([1], 1), ([], 8)])
+@pytest.mark.parametrize(
+    "sizes, batch", [([300, 50, 700], 256), ([10, 10], 64), ([512], 256), ([1], 1), ([], 8)]
+)
 def test_rebatch_keeps_every_sample_once_in_order(sizes, batch):
     batches = list(rebatch(groups_of(sizes), batch))
     total = sum(sizes)
@@ -36,16 +37,29 @@ def five_row_groups(tmp_path):
     n = 0
     for i, size in enumerate([100, 100, 100, 100, 37]):
         ids = np.arange(n, n + size, dtype=np.int64)
-        pq.write_table(pa.table({"sample_id": ids, "label": (ids % 2).astype(np.float32),
-                                 "pc_000": ids.astype(np.float32)}),
-                       tmp_path / f"part-{i}.parquet")
+        pq.write_table(
+            pa.table(
+                {
+                    "sample_id": ids,
+                    "label": (ids % 2).astype(np.float32),
+                    "pc_000": ids.astype(np.float32),
+                }
+            ),
+            tmp_path / f"part-{i}.parquet",
+        )
         n += size
     return tmp_path, n
 
 
 def read_rank(path, rank, world, epoch, seed=7):
-    return np.concatenate([ids for ids, _, _ in iterate_row_groups(
-        path, ["pc_000"], rank, world, seed=seed, epoch=epoch, prefetch_row_groups=2)])
+    return np.concatenate(
+        [
+            ids
+            for ids, _, _ in iterate_row_groups(
+                path, ["pc_000"], rank, world, seed=seed, epoch=epoch, prefetch_row_groups=2
+            )
+        ]
+    )
 
 
 def test_ranks_are_disjoint_and_complete(five_row_groups):

@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 import yaml
 
-from sparknet.run_dir import SPLITS, RunDir, read_json
-from sparknet.train.data import iterate_row_groups
-
 from conftest import REPO
+from sparknet.run_dir import RunDir, read_json
+from sparknet.train.data import iterate_row_groups
 
 pytestmark = pytest.mark.slow
 
@@ -37,8 +36,16 @@ def pipeline_run(tmp_path_factory, flights_sample):
     run_dir = RunDir.at(root / "run")
     (run_dir.root).mkdir()
     os.symlink(raw, run_dir.raw)
-    code, log = run_job([sys.executable, "jobs/pipeline.py", "--config", str(config_path),
-                         "--run-dir", str(run_dir.root)])
+    code, log = run_job(
+        [
+            sys.executable,
+            "jobs/pipeline.py",
+            "--config",
+            str(config_path),
+            "--run-dir",
+            str(run_dir.root),
+        ]
+    )
     assert code == 0, log[-5000:]
     return run_dir, n_rows, log, config_path
 
@@ -68,8 +75,14 @@ def test_ranks_read_every_shard_row_once_and_end_identical(pipeline_run):
     shards = read_json(run_dir.shards_manifest)
     n_train = shards["splits"]["train"]["rows"]
     per_rank = [
-        np.concatenate([ids for ids, _, _ in iterate_row_groups(
-            run_dir.shard("train"), shards["columns"], rank, 2, seed=13, epoch=0)])
+        np.concatenate(
+            [
+                ids
+                for ids, _, _ in iterate_row_groups(
+                    run_dir.shard("train"), shards["columns"], rank, 2, seed=13, epoch=0
+                )
+            ]
+        )
         for rank in (0, 1)
     ]
     np.testing.assert_array_equal(np.sort(np.concatenate(per_rank)), np.arange(n_train))
@@ -93,8 +106,18 @@ def test_stage_runs_unchanged_under_spark_submit(pipeline_run):
     run_dir, _, _, config_path = pipeline_run
     before = read_json(run_dir.metrics)
     spark_submit = Path(sys.executable).parent / "spark-submit"
-    code, log = run_job([str(spark_submit), "--master", "local[2]", "jobs/evaluate.py",
-                         "--config", str(config_path), "--run-dir", str(run_dir.root)])
+    code, log = run_job(
+        [
+            str(spark_submit),
+            "--master",
+            "local[2]",
+            "jobs/evaluate.py",
+            "--config",
+            str(config_path),
+            "--run-dir",
+            str(run_dir.root),
+        ]
+    )
     assert code == 0, log[-5000:]
     assert "master local[2]" in log
     after = read_json(run_dir.metrics)
@@ -111,8 +134,16 @@ def test_bad_config_is_one_clear_line(tmp_path):
 
 
 def test_stage_without_its_input_names_the_stage_to_run(tmp_path):
-    code, log = run_job([sys.executable, "jobs/train.py", "--config", "conf/flights.yaml",
-                         "--run-dir", str(tmp_path)])
+    code, log = run_job(
+        [
+            sys.executable,
+            "jobs/train.py",
+            "--config",
+            "conf/flights.yaml",
+            "--run-dir",
+            str(tmp_path),
+        ]
+    )
     assert code == 2
     assert "run the 'shard' stage first" in log
     assert "Traceback" not in log

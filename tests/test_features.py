@@ -3,18 +3,14 @@
 import numpy as np
 import pytest
 from pyspark.ml import PipelineModel
-from pyspark.sql import functions as F
-
-from sparknet.features import choose_k, fit_and_project, split_column
-from sparknet.config import SplitConfig
-from sparknet.run_dir import RunDir, read_json
 
 from conftest import synthetic_clean, synthetic_config
+from sparknet.config import SplitConfig
+from sparknet.features import choose_k, fit_and_project, split_column
+from sparknet.run_dir import RunDir, read_json
 
 
-@pytest.mark.parametrize(
-    "target, k", [(0.5, 1), (0.8, 2), (0.95, 3), (0.951, 4), (1.0, 4)]
-)
+@pytest.mark.parametrize("target, k", [(0.5, 1), (0.8, 2), (0.95, 3), (0.951, 4), (1.0, 4)])
 def test_choose_k_is_the_fewest_components_reaching_the_target(target, k):
     assert choose_k(np.array([0.5, 0.3, 0.15, 0.05]), target) == k
 
@@ -28,7 +24,9 @@ def test_split_is_a_stable_hash_of_the_key(spark):
         for r in df.repartition(7).withColumn("split", split_column(split)).collect()
     }
     assert first == again
-    shares = {s: sum(v == s for v in first.values()) / 20_000 for s in ("train", "validation", "test")}
+    shares = {
+        s: sum(v == s for v in first.values()) / 20_000 for s in ("train", "validation", "test")
+    }
     assert shares["train"] == pytest.approx(0.7, abs=0.02)
     assert shares["validation"] == pytest.approx(0.1, abs=0.01)
     assert shares["test"] == pytest.approx(0.2, abs=0.015)
@@ -55,8 +53,11 @@ def test_pca_keeps_the_target_variance_and_is_fit_on_train_only(spark, tmp_path)
 
     model = PipelineModel.load(str(run_dir.feature_pipeline))
     imputer = model.stages[0]
-    train = spark.read.parquet(str(run_dir.clean)).withColumn(
-        "split", split_column(synthetic_config().split)).filter("split = 'train'")
+    train = (
+        spark.read.parquet(str(run_dir.clean))
+        .withColumn("split", split_column(synthetic_config().split))
+        .filter("split = 'train'")
+    )
     train_median = train.approxQuantile("x4", [0.5], 0.0)[0]
     assert imputer.surrogateDF.first()["x4"] == train_median
     assert report["fitted_on"]["rows"] == train.count()
@@ -64,7 +65,10 @@ def test_pca_keeps_the_target_variance_and_is_fit_on_train_only(spark, tmp_path)
     features = spark.read.parquet(str(run_dir.features))
     assert features.count() == 3_000
     assert {r["split"] for r in features.select("split").distinct().collect()} == {
-        "train", "validation", "test"}
+        "train",
+        "validation",
+        "test",
+    }
     first = features.select("pca").first()["pca"]
     assert len(first) == report["k"] and np.all(np.isfinite(first.toArray()))
 

@@ -1,11 +1,10 @@
 import pytest
 
-from sparknet.config import load_config, config_from_dict
+from conftest import FLIGHTS_YAML, flights_config_dict
+from sparknet.config import config_from_dict, load_config
 from sparknet.errors import ConfigError
 from sparknet.ingest import ingest
 from sparknet.run_dir import RunDir
-
-from conftest import FLIGHTS_YAML, flights_config_dict
 
 
 def test_ingest_copies_and_unzips_the_real_files(tmp_path):

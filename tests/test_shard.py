@@ -4,12 +4,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import synthetic_clean, synthetic_config
 from sparknet.features import fit_and_project
 from sparknet.run_dir import SPLITS, RunDir, read_json
 from sparknet.shard import shard
 from sparknet.train.data import iterate_row_groups
-
-from conftest import synthetic_clean, synthetic_config
 
 
 @pytest.fixture(scope="module")
@@ -59,15 +58,28 @@ def test_two_ranks_read_every_row_exactly_once(sharded):
     n = manifest["splits"]["train"]["rows"]
     for epoch in (0, 1):
         per_rank = [
-            np.concatenate([ids for ids, _, _ in iterate_row_groups(
-                run_dir.shard("train"), manifest["columns"], rank, 2, seed=5, epoch=epoch,
-                prefetch_row_groups=2)])
+            np.concatenate(
+                [
+                    ids
+                    for ids, _, _ in iterate_row_groups(
+                        run_dir.shard("train"),
+                        manifest["columns"],
+                        rank,
+                        2,
+                        seed=5,
+                        epoch=epoch,
+                        prefetch_row_groups=2,
+                    )
+                ]
+            )
             for rank in (0, 1)
         ]
         assert not set(per_rank[0]) & set(per_rank[1])
         np.testing.assert_array_equal(np.sort(np.concatenate(per_rank)), np.arange(n))
-        assert abs(len(per_rank[0]) - len(per_rank[1])) <= manifest["splits"]["train"][
-            "rows_per_row_group"]["max"]
+        assert (
+            abs(len(per_rank[0]) - len(per_rank[1]))
+            <= manifest["splits"]["train"]["rows_per_row_group"]["max"]
+        )
 
 
 def test_resharding_is_deterministic(spark, sharded):

@@ -31,9 +31,12 @@ def test_pinned_versions_and_hotfix_on_driver():
 def test_hotfix_refuses_py_extension_type_payloads():
     # CVE-2023-47248: arrow.py_extension_type metadata would be unpickled on read.
     field = pa.field(
-        "x", pa.int64(),
-        metadata={b"ARROW:extension:name": b"arrow.py_extension_type",
-                  b"ARROW:extension:metadata": pickle.dumps("harmless")},
+        "x",
+        pa.int64(),
+        metadata={
+            b"ARROW:extension:name": b"arrow.py_extension_type",
+            b"ARROW:extension:metadata": pickle.dumps("harmless"),
+        },
     )
     table = pa.table({"x": [1, 2]}).cast(pa.schema([field]))
     sink = pa.BufferOutputStream()
@@ -64,15 +67,18 @@ def test_torch_gloo_and_petastorm_read_parquet(tmp_path):
     assert torch.__version__.startswith("2.13.0") and "+cpu" in torch.__version__
 
     n = 1000
-    table = pa.table({
-        "sample_id": pa.array(np.arange(n, dtype=np.int64)),
-        "label": pa.array((np.arange(n) % 2).astype(np.float32)),
-        "pc_000": pa.array(np.linspace(0, 1, n, dtype=np.float32)),
-    })
+    table = pa.table(
+        {
+            "sample_id": pa.array(np.arange(n, dtype=np.int64)),
+            "label": pa.array((np.arange(n) % 2).astype(np.float32)),
+            "pc_000": pa.array(np.linspace(0, 1, n, dtype=np.float32)),
+        }
+    )
     pq.write_table(table, tmp_path / "part-0.parquet", row_group_size=300)
     seen = []
-    for ids, x, y in iterate_row_groups(tmp_path, ["pc_000"], rank=0, world_size=1, seed=1,
-                                        epoch=0, prefetch_row_groups=2):
+    for ids, x, y in iterate_row_groups(
+        tmp_path, ["pc_000"], rank=0, world_size=1, seed=1, epoch=0, prefetch_row_groups=2
+    ):
         assert x.dtype == np.float32 and x.shape == (len(ids), 1)
         np.testing.assert_array_equal(y, (ids % 2).astype(np.float32))
         seen.extend(ids.tolist())

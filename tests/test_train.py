@@ -6,12 +6,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from conftest import synthetic_config
 from sparknet.errors import TrainingError
 from sparknet.run_dir import RunDir, read_json, write_json
 from sparknet.train.launcher import train
 from sparknet.train.model import load_model_files, model_from_bytes
-
-from conftest import synthetic_config
 
 K = 4
 
@@ -20,8 +19,13 @@ def write_shards(run_dir: RunDir, n_train=3_001, n_validation=500, files=4, seed
     """y = 1 when w·x > 0 for a fixed w: a model that learns reaches high accuracy."""
     rng = np.random.default_rng(seed)
     w = np.array([1.5, -2.0, 0.5, 1.0], dtype=np.float32)
-    manifest = {"k": K, "columns": [f"pc_{i:03d}" for i in range(K)], "label": "label",
-                "id": "sample_id", "splits": {}}
+    manifest = {
+        "k": K,
+        "columns": [f"pc_{i:03d}" for i in range(K)],
+        "label": "label",
+        "id": "sample_id",
+        "splits": {},
+    }
     for split, n in (("train", n_train), ("validation", n_validation)):
         x = rng.normal(size=(n, K)).astype(np.float32)
         y = (x @ w > 0).astype(np.float32)
@@ -46,8 +50,16 @@ def shards(tmp_path):
 
 
 def config(workers=2, epochs=4, **train_overrides):
-    return synthetic_config(train={"workers": workers, "epochs": epochs, "batch_size": 64,
-                                   "hidden": [16], "learning_rate": 0.01, **train_overrides})
+    return synthetic_config(
+        train={
+            "workers": workers,
+            "epochs": epochs,
+            "batch_size": 64,
+            "hidden": [16],
+            "learning_rate": 0.01,
+            **train_overrides,
+        }
+    )
 
 
 def test_two_ranks_train_to_identical_weights(spark, shards):

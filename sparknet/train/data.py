@@ -157,7 +157,7 @@ def rebatch(groups: Iterator[Batch], batch_size: int) -> Iterator[Batch]:
         held += len(group[0])
         if held < batch_size:
             continue
-        ids, x, y = (np.concatenate(parts) for parts in zip(*pending))
+        ids, x, y = (np.concatenate(parts) for parts in zip(*pending, strict=True))
         cut = (len(ids) // batch_size) * batch_size
         for start in range(0, cut, batch_size):
             stop = start + batch_size
@@ -165,4 +165,4 @@ def rebatch(groups: Iterator[Batch], batch_size: int) -> Iterator[Batch]:
         pending = [(ids[cut:], x[cut:], y[cut:])] if cut < len(ids) else []
         held = len(ids) - cut
     if held:
-        yield tuple(np.concatenate(parts) for parts in zip(*pending))  # type: ignore[misc]
+        yield tuple(np.concatenate(parts) for parts in zip(*pending, strict=True))  # type: ignore[misc]

@@ -80,8 +80,9 @@ def train(spark: SparkSession, config: Config, run_dir: RunDir) -> dict:
         yield run_rank(spec)
 
     started = time.perf_counter()
-    log.info("launching %d barrier tasks (one torch rank each), %d epochs", workers,
-             config.train.epochs)
+    log.info(
+        "launching %d barrier tasks (one torch rank each), %d epochs", workers, config.train.epochs
+    )
     sc = spark.sparkContext
     sc.setJobDescription(f"sparknet train: {workers} ranks")
     try:
@@ -102,8 +103,9 @@ def train(spark: SparkSession, config: Config, run_dir: RunDir) -> dict:
         _check_coverage(record, n_train)
         record["rank_samples"] = [r["history"][record["epoch"]]["rank_samples"] for r in results]
 
-    model_spec = ModelSpec(columns, list(config.train.hidden), config.train.activation,
-                           config.train.dropout)
+    model_spec = ModelSpec(
+        columns, list(config.train.hidden), config.train.activation, config.train.dropout
+    )
     save_model(run_dir.model, model_spec, results[0]["state"])
     report = {
         "world_size": results[0]["world_size"],
@@ -119,8 +121,12 @@ def train(spark: SparkSession, config: Config, run_dir: RunDir) -> dict:
     last = history[-1]
     log.info(
         "trained %d epochs on %d ranks in %.1f s: validation loss %.4f, accuracy %.4f; "
-        "weights identical on all ranks", len(history), report["world_size"], seconds,
-        last["validation_loss"], last["validation_accuracy"],
+        "weights identical on all ranks",
+        len(history),
+        report["world_size"],
+        seconds,
+        last["validation_loss"],
+        last["validation_accuracy"],
     )
     return report
 
@@ -129,7 +135,9 @@ def _check_coverage(record: dict, n: int) -> None:
     """Dense ids 0..n-1: count n, sum n(n-1)/2, sum of squares (n-1)n(2n-1)/6."""
     expected = (n, n * (n - 1) / 2, (n - 1) * n * (2 * n - 1) / 6)
     got = (record["samples"], record["sample_id_sum"], record["sample_id_square_sum"])
-    if got[0] != expected[0] or any(abs(g - e) > 1e-9 * max(e, 1) for g, e in zip(got[1:], expected[1:])):
+    if got[0] != expected[0] or any(
+        abs(g - e) > 1e-9 * max(e, 1) for g, e in zip(got[1:], expected[1:], strict=True)
+    ):
         raise TrainingError(
             f"epoch {record['epoch']}: the ranks together did not see each of the {n} train "
             f"samples exactly once (count, id sum, id square sum = {got}, expected {expected})"

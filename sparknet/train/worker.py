@@ -74,8 +74,9 @@ def init_process_group(context, backend: str, timeout_s: float) -> tuple[int, in
 
     store = None
     if rank == 0:
-        store = dist.TCPStore(master_addr, 0, world_size, is_master=True, timeout=timeout,
-                              wait_for_workers=False)
+        store = dist.TCPStore(
+            master_addr, 0, world_size, is_master=True, timeout=timeout, wait_for_workers=False
+        )
         port = store.port
     else:
         port = 0
@@ -86,11 +87,13 @@ def init_process_group(context, backend: str, timeout_s: float) -> tuple[int, in
 
     # torch's environment contract, for user code that reads it.
     os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0",
-        MASTER_ADDR=master_addr, MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK="0",
+        MASTER_ADDR=master_addr,
+        MASTER_PORT=str(port),
     )
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
-                            timeout=timeout)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     return rank, world_size
 
 
@@ -144,7 +147,9 @@ def _train(spec: TaskSpec, context) -> dict:
         torch.manual_seed(spec.seed)  # same initial weights on every rank
         model_spec = ModelSpec(spec.columns, spec.hidden, spec.activation, spec.dropout)
         model = build_mlp(model_spec).to(device)
-        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.index is not None else None)
+        ddp = DistributedDataParallel(
+            model, device_ids=[device.index] if device.index is not None else None
+        )
         optimizer = _optimizer(spec, ddp.parameters())
 
         history = []
@@ -155,8 +160,15 @@ def _train(spec: TaskSpec, context) -> dict:
             # the dense sample ids; summed over ranks they identify "each id exactly once".
             seen = torch.zeros(3, dtype=torch.float64)
             loss_sum = torch.zeros(2, dtype=torch.float64)
-            groups = iterate_row_groups(spec.train_path, spec.columns, rank, world_size,
-                                        spec.seed, epoch, spec.prefetch_row_groups)
+            groups = iterate_row_groups(
+                spec.train_path,
+                spec.columns,
+                rank,
+                world_size,
+                spec.seed,
+                epoch,
+                spec.prefetch_row_groups,
+            )
             # Ranks may hold a few rows more or less (whole row groups are dealt);
             # join() lets the early finisher shadow the others' allreduces instead of
             # leaving them waiting forever.
@@ -170,15 +182,19 @@ def _train(spec: TaskSpec, context) -> dict:
                     loss.backward()
                     optimizer.step()
                     ids_f = ids.astype(np.float64)
-                    seen += torch.tensor([len(ids), ids_f.sum(), (ids_f * ids_f).sum()],
-                                         dtype=torch.float64)
-                    loss_sum += torch.tensor([loss.item() * len(ids), len(ids)],
-                                             dtype=torch.float64)
+                    seen += torch.tensor(
+                        [len(ids), ids_f.sum(), (ids_f * ids_f).sum()], dtype=torch.float64
+                    )
+                    loss_sum += torch.tensor(
+                        [loss.item() * len(ids), len(ids)], dtype=torch.float64
+                    )
             rank_samples = int(seen[0].item())
             totals = torch.cat([seen, loss_sum]).to(device)
             dist.all_reduce(totals)
             totals = totals.cpu()
-            val_loss, val_accuracy, val_rows = _validate(spec, model, rank, world_size, epoch, device)
+            val_loss, val_accuracy, val_rows = _validate(
+                spec, model, rank, world_size, epoch, device
+            )
             elapsed = time.perf_counter() - started
             record = {
                 "epoch": epoch,
@@ -196,8 +212,14 @@ def _train(spec: TaskSpec, context) -> dict:
             if rank == 0:
                 log.info(
                     "rank 0/%d epoch %d: train loss %.4f, validation loss %.4f, accuracy %.4f, "
-                    "%d samples in %.1f s", world_size, epoch, record["train_loss"], val_loss,
-                    val_accuracy, record["samples"], elapsed,
+                    "%d samples in %.1f s",
+                    world_size,
+                    epoch,
+                    record["train_loss"],
+                    val_loss,
+                    val_accuracy,
+                    record["samples"],
+                    elapsed,
                 )
         result = {
             "rank": rank,
@@ -219,8 +241,9 @@ def _optimizer(spec: TaskSpec, params):
     import torch
 
     if spec.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=spec.learning_rate, momentum=0.9,
-                               weight_decay=spec.weight_decay)
+        return torch.optim.SGD(
+            params, lr=spec.learning_rate, momentum=0.9, weight_decay=spec.weight_decay
+        )
     cls = torch.optim.AdamW if spec.optimizer == "adamw" else torch.optim.Adam
     return cls(params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
 
@@ -236,12 +259,21 @@ def _validate(spec: TaskSpec, model, rank: int, world_size: int, epoch: int, dev
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64)  # loss * n, correct, n
     with torch.no_grad():
-        for _, x, y in iterate_row_groups(spec.validation_path, spec.columns, rank, world_size,
-                                          spec.seed, epoch, spec.prefetch_row_groups, shuffle=False):
+        for _, x, y in iterate_row_groups(
+            spec.validation_path,
+            spec.columns,
+            rank,
+            world_size,
+            spec.seed,
+            epoch,
+            spec.prefetch_row_groups,
+            shuffle=False,
+        ):
             logits = model(torch.from_numpy(x).to(device)).squeeze(1).cpu()
             target = torch.from_numpy(y)
-            loss = F.binary_cross_entropy_with_logits(logits.double(), target.double(),
-                                                      reduction="sum")
+            loss = F.binary_cross_entropy_with_logits(
+                logits.double(), target.double(), reduction="sum"
+            )
             correct = ((logits > 0).float() == target).sum()
             sums += torch.tensor([loss.item(), correct.item(), len(y)], dtype=torch.float64)
     sums = sums.to(device)
