@@ -34,6 +34,23 @@ def dataset_url(path: str | Path) -> str:
     return text if "://" in text else Path(text).resolve().as_uri()
 
 
+def local_filesystem():
+    """petastorm's own choice for file:// URLs, pyarrow's legacy LocalFileSystem, opens
+    Python file objects; pyarrow's C++ threads then call into Python to read them and may
+    run the garbage collector there, which aborted the process ("terminate called without
+    an active exception") in about half of our runs. Native Arrow files avoid both."""
+    import pyarrow as pa
+    from pyarrow.filesystem import LocalFileSystem
+
+    class NativeFileLocalFileSystem(LocalFileSystem):
+        def open(self, path, mode="rb"):
+            if mode == "rb":
+                return pa.OSFile(str(path), "rb")
+            return super().open(path, mode)
+
+    return NativeFileLocalFileSystem()
+
+
 def quiet_reader_warnings() -> None:
     """Process-wide on purpose: the prefetch thread emits them, where a catch_warnings()
     block in the caller's thread would not reach. pyarrow 12's legacy dataset API (which
@@ -57,8 +74,10 @@ def read_row_groups(
     quiet_reader_warnings()
     from petastorm import make_batch_reader
 
+    url = dataset_url(path)
     reader = make_batch_reader(
-        dataset_url(path),
+        url,
+        filesystem=local_filesystem() if url.startswith("file://") else None,
         cur_shard=rank,
         shard_count=world_size,
         num_epochs=1,
