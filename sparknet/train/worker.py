@@ -124,7 +124,6 @@ def run_rank(spec: TaskSpec) -> dict:
 
 def _train(spec: TaskSpec, context) -> dict:
     import torch
-    import torch.distributed as dist
     import torch.nn.functional as F
     from torch.nn.parallel import DistributedDataParallel
 
@@ -190,7 +189,7 @@ def _train(spec: TaskSpec, context) -> dict:
                     )
             rank_samples = int(seen[0].item())
             totals = torch.cat([seen, loss_sum]).to(device)
-            dist.all_reduce(totals)
+            all_reduce(totals)
             totals = totals.cpu()
             val_loss, val_accuracy, val_rows = _validate(
                 spec, model, rank, world_size, epoch, device
@@ -231,10 +230,61 @@ def _train(spec: TaskSpec, context) -> dict:
         }
         if rank == 0:
             result["state"] = state_to_bytes(model)
-        dist.barrier()
         return result
     finally:
-        dist.destroy_process_group()
+        # DDP's Reducer holds the process group: release it first, see shut_down().
+        ddp = optimizer = model = None
+        shut_down(spec.timeout_s)
+
+
+# NOTE [gloo teardown]: torch 2.13's ProcessGroupGloo destructor joins its worker
+# threads while the caller holds the GIL, and a worker thread that is still releasing a
+# finished collective (one whose tensors have Python objects) waits for the GIL: a
+# deadlock we hit in about one run in fifteen, at the end of training. So collectives
+# are awaited and released by this thread (all_reduce below), the process group is
+# destroyed only after a pause without the GIL, and a watchdog ends the Python worker
+# if teardown still hangs, so Spark fails the task instead of waiting forever.
+EXIT_TEARDOWN_HUNG = 70
+_finished_work: list = []
+
+
+def all_reduce(tensor) -> None:
+    """Sums `tensor` across ranks in place; keeps the work object so that it is released
+    here, not on gloo's thread."""
+    import torch.distributed as dist
+
+    work = dist.all_reduce(tensor, async_op=True)
+    work.wait()
+    _finished_work.append(work)
+
+
+def shut_down(timeout_s: float) -> None:
+    import gc
+    import sys
+    import threading
+
+    import torch.distributed as dist
+
+    def give_up() -> None:
+        print(
+            f"sparknet: torch.distributed teardown hung for {timeout_s} s; exiting the "
+            "Python worker so that Spark fails the task",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(EXIT_TEARDOWN_HUNG)
+
+    watchdog = threading.Timer(timeout_s, give_up)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        gc.collect()
+        time.sleep(0.2)  # gloo's threads finish releasing work while we hold no GIL
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        _finished_work.clear()
+    finally:
+        watchdog.cancel()
 
 
 def _optimizer(spec: TaskSpec, params):
@@ -251,7 +301,6 @@ def _optimizer(spec: TaskSpec, params):
 def _validate(spec: TaskSpec, model, rank: int, world_size: int, epoch: int, device):
     """Loss and accuracy on the validation split, each rank its share, summed by allreduce."""
     import torch
-    import torch.distributed as dist
     import torch.nn.functional as F
 
     from sparknet.train.data import iterate_row_groups
@@ -277,7 +326,7 @@ def _validate(spec: TaskSpec, model, rank: int, world_size: int, epoch: int, dev
             correct = ((logits > 0).float() == target).sum()
             sums += torch.tensor([loss.item(), correct.item(), len(y)], dtype=torch.float64)
     sums = sums.to(device)
-    dist.all_reduce(sums)
+    all_reduce(sums)
     sums = sums.cpu()
     n = max(float(sums[2]), 1.0)
     return float(sums[0]) / n, float(sums[1]) / n, int(sums[2])
