@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
 import time
 
 from pyspark.sql import SparkSession
@@ -13,8 +14,8 @@ from pyspark.sql import SparkSession
 from sparknet.config import Config
 from sparknet.errors import TrainingError
 from sparknet.run_dir import RunDir, read_json, write_json
-from sparknet.train.model import ModelSpec, save_model
-from sparknet.train.worker import TaskSpec, run_rank
+from sparknet.train.model import ModelSpec, load_model_files, model_from_bytes
+from sparknet.train.worker import TaskSpec, run_rank, weights_digest
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +24,7 @@ def task_spec(config: Config, run_dir: RunDir, columns: list[str]) -> TaskSpec:
     t = config.train
     return TaskSpec(
         train_path=str(run_dir.shard("train")),
+        model_path=str(run_dir.model),
         validation_path=str(run_dir.shard("validation")),
         columns=list(columns),
         hidden=list(t.hidden),
@@ -74,6 +76,8 @@ def train(spark: SparkSession, config: Config, run_dir: RunDir) -> dict:
     columns = manifest["columns"]
     workers = config.train.workers
     preflight(spark, workers)
+    # A model left by an earlier run must not pass for this one's if training fails.
+    shutil.rmtree(run_dir.model, ignore_errors=True)
     spec = task_spec(config, run_dir, columns)
 
     def run(_partition):
@@ -106,7 +110,14 @@ def train(spark: SparkSession, config: Config, run_dir: RunDir) -> dict:
     model_spec = ModelSpec(
         columns, list(config.train.hidden), config.train.activation, config.train.dropout
     )
-    save_model(run_dir.model, model_spec, results[0]["state"])
+    # Rank 0 wrote the model; what is on disk must be what every rank ended with.
+    saved_spec, state = load_model_files(run_dir.model)
+    saved_digest = weights_digest(model_from_bytes(saved_spec, state))
+    if saved_spec != model_spec or saved_digest != digests[0]:
+        raise TrainingError(
+            f"{run_dir.model} does not hold the trained weights (digest {saved_digest}, "
+            f"ranks {digests[0]})"
+        )
     report = {
         "world_size": results[0]["world_size"],
         "backend": results[0]["backend"],

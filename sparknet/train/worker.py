@@ -15,6 +15,7 @@ import os
 import time
 import traceback
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -29,6 +30,7 @@ class TaskSpec:
     shipped to executors holds plain values."""
 
     train_path: str
+    model_path: str  # rank 0 writes model.json + model.pt here (shared storage on a cluster)
     validation_path: str
     columns: list[str]
     hidden: list[int]
@@ -128,7 +130,7 @@ def _train(spec: TaskSpec, context) -> dict:
     from torch.nn.parallel import DistributedDataParallel
 
     from sparknet.train.data import iterate_row_groups, rebatch
-    from sparknet.train.model import ModelSpec, build_mlp, state_to_bytes
+    from sparknet.train.model import ModelSpec, build_mlp, save_model, state_to_bytes
 
     threads = max(1, int(context.cpus()))
     torch.set_num_threads(threads)
@@ -229,7 +231,7 @@ def _train(spec: TaskSpec, context) -> dict:
             "weights_digest": weights_digest(model),
         }
         if rank == 0:
-            result["state"] = state_to_bytes(model)
+            save_model(Path(spec.model_path), model_spec, state_to_bytes(model))
         return result
     finally:
         # DDP's Reducer holds the process group: release it first, see shut_down().
