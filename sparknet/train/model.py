@@ -53,10 +53,13 @@ def model_from_bytes(spec: ModelSpec, state: bytes) -> nn.Sequential:
 
 def save_model(directory: Path, spec: ModelSpec, state: bytes) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "model.json").write_text(json.dumps(asdict(spec), indent=2) + "\n")
-    tmp = directory / "model.pt.tmp"
-    tmp.write_bytes(state)
-    tmp.replace(directory / "model.pt")
+    for name, content in (
+        ("model.json", (json.dumps(asdict(spec), indent=2) + "\n").encode()),
+        ("model.pt", state),
+    ):
+        tmp = directory / f"{name}.tmp"
+        tmp.write_bytes(content)
+        tmp.replace(directory / name)
 
 
 def load_model_files(directory: Path) -> tuple[ModelSpec, bytes]:
