@@ -17,6 +17,9 @@ Reason codes, first match wins:
 
 from __future__ import annotations
 
+import bz2
+import glob
+import gzip
 import logging
 from pathlib import Path
 
@@ -26,7 +29,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from sparknet.config import Config, SourceConfig
-from sparknet.errors import DataError
+from sparknet.errors import DataError, spark_error_summary
 from sparknet.run_dir import RunDir, write_json
 
 log = logging.getLogger(__name__)
@@ -78,33 +81,55 @@ def read_raw(spark: SparkSession, name: str, src: SourceConfig, path: str) -> Da
     return df.withColumn(SOURCE_FILE, F.input_file_name())
 
 
+def local_input_files(path: str) -> list[Path] | None:
+    """The files Spark will read for a local path, file or folder or glob (None for URLs).
+    Like Spark, names starting with '_' or '.' are skipped."""
+    if "://" in path and not path.startswith("file://"):
+        return None
+    path = path.removeprefix("file://")
+    if any(ch in path for ch in "*?["):
+        candidates = [Path(p) for p in sorted(glob.glob(path))]
+    elif Path(path).is_dir():
+        candidates = sorted(Path(path).iterdir())
+    else:
+        candidates = [Path(path)] if Path(path).exists() else []
+    return [p for p in candidates if p.is_file() and not p.name.startswith(("_", "."))]
+
+
+def _first_line(file: Path) -> str:
+    opener = {".gz": gzip.open, ".bz2": bz2.open}.get(file.suffix, open)
+    with opener(file, "rt", newline="", encoding="utf-8-sig") as fh:
+        return fh.readline()
+
+
 def _check_header(name: str, src: SourceConfig, path: str) -> None:
     """Spark maps CSV fields to the schema by position; a reordered or missing column
-    would shift values silently. Compare the header with the config where we can read it."""
-    if src.format != "csv" or src.options.get("header", "false").lower() != "true":
+    would shift values silently. Compare every local file's header with the config."""
+    files = local_input_files(path)
+    if files is not None and not files:
+        raise DataError(f"sources.{name}: input {path} does not exist or holds no files")
+    if files is None or src.format != "csv":
         return
-    file = Path(path)
-    if not file.is_file():
-        if "://" not in path and not file.exists():
-            raise DataError(f"sources.{name}: input {path} does not exist")
-        return  # a folder or a remote URL: Spark reads it; per-file headers are not checked here
-    with open(file, newline="") as fh:
-        first = fh.readline()
-    if not first.strip():
-        raise DataError(f"sources.{name}: {path} is empty; expected a header line")
+    if src.options.get("header", "false").lower() != "true":
+        return
     sep = src.options.get("sep", src.options.get("delimiter", ","))
-    header = [h.strip().strip('"') for h in first.rstrip("\r\n").split(sep)]
     expected = list(src.columns)
-    if header != expected:
+    for file in files:
+        first = _first_line(file)
+        if not first.strip():
+            raise DataError(f"sources.{name}: {file} is empty; expected a header line")
+        header = [h.strip().strip('"') for h in first.rstrip("\r\n").split(sep)]
+        if header == expected:
+            continue
         missing = [c for c in expected if c not in header]
         extra = [c for c in header if c not in expected]
         found = (
             f"missing {missing}, unexpected {extra}"
             if missing or extra
-            else (f"same columns in another order {header}")
+            else f"same columns in another order {header}"
         )
         raise DataError(
-            f"sources.{name}: {path} header does not match sources.{name}.columns: "
+            f"sources.{name}: {file} header does not match sources.{name}.columns: "
             f"{found}; expected the columns in this order: {expected}"
         )
 
@@ -131,6 +156,10 @@ def classify(
         if src.columns[c] != "string":
             bad = F.col(c).isNotNull() & (F.trim(F.col(c)) != "") & typed[c].isNull()
             reason_and_column.append((bad, "unparseable_value", c))
+        if src.columns[c] in ("double", "float"):
+            # "NaN" and "Infinity" parse as doubles but poison means, PCA and training.
+            non_finite = F.isnan(typed[c]) | (F.abs(typed[c]) == float("inf"))
+            reason_and_column.append((non_finite, "non_finite_value", c))
 
     out = df.select(
         *[typed[c].alias(c) for c in raw_cols],
@@ -143,7 +172,13 @@ def classify(
     )
     checks = [(F.col(f"_bad_{i}"), r, c) for i, (_, r, c) in enumerate(reason_and_column)]
     if label_expr is not None:
-        out = out.withColumn(label_name, F.expr(label_expr).cast("double"))
+        try:
+            out = out.withColumn(label_name, F.expr(label_expr).cast("double"))
+        except Exception as exc:  # AnalysisException or ParseException
+            raise DataError(
+                f"label.expr: cannot evaluate '{label_expr}' on the main source's columns "
+                f"{raw_cols}: {spark_error_summary(exc)}"
+            ) from None
         missing = F.lit(False)
         for c in label_requires:
             missing = missing | F.col(c).isNull()
@@ -233,6 +268,7 @@ def clean(spark: SparkSession, config: Config, run_dir: RunDir) -> dict:
             "rejected": sum(counts.values()),
             "rejected_by_reason": dict(sorted(counts.items())),
         }
+        report["rejected_by_column"] = {}
         if counts:
             by_column = (
                 classified.filter(F.col(REASON_COLUMN).isNotNull())
@@ -309,6 +345,17 @@ def clean(spark: SparkSession, config: Config, run_dir: RunDir) -> dict:
     for df in persisted:
         df.unpersist()
 
+    write_json(run_dir.quality, quality)  # also when a check below fails: it explains why
+    for name, report in quality["sources"].items():
+        ceiling = config.sources[name].max_reject_share
+        share = report["rejected"] / report["rows_in"]
+        if share > ceiling:
+            raise DataError(
+                f"sources.{name}: {share:.1%} of the {report['rows_in']} rows of {report['path']} "
+                f"were rejected {report['rejected_by_reason']}, above sources.{name}."
+                f"max_reject_share={ceiling}; the rows and reasons are in {run_dir.rejects}: "
+                "fix the columns' types, the reader options or the label, or raise the ceiling"
+            )
     main = quality["sources"][config.main]
     if written_clean != main["clean"]:
         raise DataError(

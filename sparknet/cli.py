@@ -8,8 +8,11 @@ import logging
 import time
 from collections.abc import Sequence
 
+from py4j.protocol import Py4JJavaError
+from pyspark.errors.exceptions.captured import CapturedException
+
 from sparknet.config import load_config
-from sparknet.errors import SparknetError
+from sparknet.errors import RunDirError, SparknetError, spark_error_summary
 from sparknet.logs import set_stage, setup_logging
 from sparknet.run_dir import RunDir
 from sparknet.stack import stack_report
@@ -50,7 +53,13 @@ def main(stages: Sequence[str], argv: Sequence[str] | None = None) -> int:
         else:
             stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
             run_dir = RunDir.at(f"runs/{config.name}-{stamp}")
-        run_dir.root.mkdir(parents=True, exist_ok=True)
+        if stages[0] in ("ingest", "clean"):
+            run_dir.root.mkdir(parents=True, exist_ok=True)
+        elif not run_dir.root.is_dir():
+            raise RunDirError(
+                f"run directory {run_dir.root} does not exist; stage {stages[0]} reads the "
+                "outputs of the stages before it there"
+            )
         log.info("config %s, run directory %s", args.config, run_dir.root)
 
         from sparknet.session import spark_session
@@ -62,9 +71,10 @@ def main(stages: Sequence[str], argv: Sequence[str] | None = None) -> int:
             set_stage(name)
             stage_started = time.perf_counter()
             report = STAGES[name](spark, config, run_dir)
+            rows = rows_of(name, report)
             log.info(
-                "done: %d rows in %.1f s",
-                rows_of(name, report),
+                "done: %sin %.1f s",
+                f"{rows} rows " if rows is not None else "",
                 time.perf_counter() - stage_started,
             )
         set_stage("-")
@@ -78,6 +88,15 @@ def main(stages: Sequence[str], argv: Sequence[str] | None = None) -> int:
     except SparknetError as exc:
         log.error("%s", exc)
         return 2
+    except KeyboardInterrupt:
+        log.error("interrupted; the stage's outputs may be incomplete: rerun it")
+        return 130
+    except (CapturedException, Py4JJavaError) as exc:
+        # A Spark failure that sparknet did not foresee: its error class and message
+        # name the cause; the JVM stack would bury them.
+        log.error("Spark failed: %s", spark_error_summary(exc, lines=3))
+        log.debug("Spark failure", exc_info=True)
+        return 1
     finally:
         if spark is not None:
             spark.stop()

@@ -52,6 +52,8 @@ class SourceConfig:
     required: list[str] = field(default_factory=list)
     # Lookup sources: rows repeating a key are rejected as duplicate_key (first kept).
     key: list[str] = field(default_factory=list)
+    # The clean stage fails when a larger share of this source's rows is rejected.
+    max_reject_share: float = 0.05
 
 
 @dataclass(frozen=True)
@@ -256,6 +258,8 @@ def _check(c: Config) -> None:
         _one_of(f"{where}.format", src.format, ("csv", "parquet", "json"))
         if not src.columns:
             raise ConfigError(f"{where}.columns: list at least one column")
+        if not 0 <= src.max_reject_share <= 1:
+            raise ConfigError(f"{where}.max_reject_share: must be in [0, 1]")
         for col, typ in src.columns.items():
             _one_of(f"{where}.columns.{col}", typ, COLUMN_TYPES)
         for listed in ("required", "key"):

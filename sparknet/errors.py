@@ -6,6 +6,21 @@ driver intact.
 """
 
 
+def spark_error_summary(exc: BaseException, lines: int = 2) -> str:
+    """The first meaningful lines of a Spark/py4j error: its error class and message,
+    without the JVM stack."""
+    text = str(exc)
+    kept = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith(("at ", "JVM stacktrace", "Traceback", "File ")):
+            continue
+        kept.append(line)
+        if len(kept) == lines:
+            break
+    return " ".join(kept) or type(exc).__name__
+
+
 class SparknetError(Exception):
     """Base of every error sparknet raises on purpose."""
 

@@ -28,7 +28,7 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from sparknet.config import Config, SplitConfig
-from sparknet.errors import DataError
+from sparknet.errors import DataError, spark_error_summary
 from sparknet.run_dir import RunDir, write_json
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ def with_derived(df: DataFrame, config: Config) -> DataFrame:
             df = df.withColumn(name, F.expr(expr))
         except Exception as exc:  # AnalysisException and parse errors both land here
             raise DataError(
-                f"features.derived.{name}: cannot evaluate '{expr}': {str(exc).splitlines()[0]}"
+                f"features.derived.{name}: cannot evaluate '{expr}': {spark_error_summary(exc)}"
             ) from None
     return df
 

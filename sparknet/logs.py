@@ -35,7 +35,8 @@ def setup_logging(level: int = logging.INFO) -> None:
     logging.getLogger("py4j").setLevel(logging.WARNING)
     # pyspark logs every failed query as a page of JSON before raising it; the
     # exception itself reaches the user once, through sparknet's own message.
-    logging.getLogger("DataFrameQueryContextLogger").setLevel(logging.CRITICAL)
+    for name in ("DataFrameQueryContextLogger", "SQLQueryContextLogger"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def set_stage(stage: str) -> None:

@@ -93,7 +93,7 @@ class RunDir:
         if not path.exists():
             raise RunDirError(
                 f"{path} does not exist: run the '{stage}' stage first "
-                f"(jobs/{stage}.py --run-dir {self.root})"
+                f"(jobs/{stage}.py --config CONFIG --run-dir {self.root})"
             )
         return path
 

@@ -27,6 +27,8 @@ DEFAULT_CONF = {
     "spark.sql.shuffle.partitions": "8",
     # Progress bars garble logs captured by Airflow and spark-submit.
     "spark.ui.showConsoleProgress": "false",
+    # Wide feature tables otherwise warn that plan strings were truncated.
+    "spark.sql.debug.maxToStringFields": "1000",
     # Parquet writes commit through a temp folder; no _SUCCESS marker to confuse readers.
     "spark.hadoop.mapreduce.fileoutputcommitter.marksuccessfuljobs": "false",
 }

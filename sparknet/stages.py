@@ -28,10 +28,10 @@ STAGES: dict[str, Stage] = {
 }
 
 
-def rows_of(stage: str, report: dict) -> int:
-    """The number of rows a stage produced, for the log line."""
+def rows_of(stage: str, report: dict) -> int | None:
+    """The number of rows a stage produced, for the log line (ingest copies files)."""
     if stage == "ingest":
-        return 0
+        return None
     if stage == "clean":
         return report["clean"]
     if stage == "features":

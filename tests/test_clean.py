@@ -22,6 +22,8 @@ TRIPS = """id,city,km,late_min,day
 8,C,2,30,2024-13-45
 9,Z,4,1,2024-01-09
 10,C,2.5,16,2024-01-10
+11,A,NaN,3,2024-01-11
+12,B,-Infinity,3,2024-01-12
 """
 
 CITIES = """city,pop
@@ -37,6 +39,7 @@ EXPECTED_REASONS = {
     "missing_value": 1,
     "duplicate_row": 1,
     "malformed_record": 2,  # too few and too many fields
+    "non_finite_value": 2,  # km=NaN, km=-Infinity
 }
 
 
@@ -55,12 +58,14 @@ def trips_config(**overrides) -> dict:
                     "day": "date",
                 },
                 "required": ["id", "city"],
+                "max_reject_share": 1.0,  # the fixture is mostly bad on purpose
             },
             "cities": {
                 "path": "cities.csv",
                 "options": {"header": "true"},
                 "columns": {"city": "string", "pop": "int"},
                 "key": ["city"],
+                "max_reject_share": 1.0,
             },
         },
         "main": "trips",
@@ -91,9 +96,9 @@ def test_every_row_is_accounted_for(cleaned):
     run_dir, quality = cleaned
     assert quality == read_json(run_dir.quality)
     trips = quality["sources"]["trips"]
-    assert trips["rows_in"] == 11
+    assert trips["rows_in"] == 13
     assert trips["rejected_by_reason"] == EXPECTED_REASONS
-    assert trips["clean"] == 4 and trips["rejected"] == 7
+    assert trips["clean"] == 4 and trips["rejected"] == 9
     assert quality["rows_in"] == quality["clean"] + quality["rejected"]
     assert quality["reconciled"] is True
 
@@ -168,3 +173,56 @@ def test_missing_input_file(spark, tmp_path):
     run_dir.raw.mkdir()
     with pytest.raises(DataError, match="sources.trips: input .*trips.csv does not exist"):
         clean(spark, config_from_dict(trips_config()), run_dir)
+
+
+def test_reject_share_above_the_ceiling_fails_after_writing_the_evidence(spark, tmp_path):
+    run_dir = RunDir.at(tmp_path)
+    write_raw(run_dir)
+    data = trips_config()
+    data["sources"]["trips"]["max_reject_share"] = 0.5
+    with pytest.raises(
+        DataError, match=r"sources.trips: 69.2% of the 13 rows .*trips.max_reject_share=0.5"
+    ):
+        clean(spark, config_from_dict(data), run_dir)
+    assert read_json(run_dir.quality)["sources"]["trips"]["rejected"] == 9
+    assert spark.read.parquet(str(run_dir.rejects)).count() == 11
+
+
+def test_bad_label_expression_names_the_key(spark, tmp_path):
+    run_dir = RunDir.at(tmp_path)
+    write_raw(run_dir)
+    data = trips_config()
+    data["label"]["expr"] = "late_minutes > 15"
+    with pytest.raises(
+        DataError, match=r"label.expr: cannot evaluate 'late_minutes > 15'.*late_minutes"
+    ):
+        clean(spark, config_from_dict(data), run_dir)
+
+
+def test_every_file_of_a_folder_source_is_checked(spark, tmp_path):
+    """Spark maps fields by position: a second file with swapped columns must be refused,
+    not read with its values under the wrong names."""
+    run_dir = RunDir.at(tmp_path)
+    write_raw(run_dir)
+    folder = run_dir.raw / "trips"
+    folder.mkdir()
+    (folder / "part-1.csv").write_text(TRIPS)
+    lines = TRIPS.splitlines()
+    (folder / "part-2.csv").write_text("id,city,late_min,km,day\n" + "\n".join(lines[1:3]) + "\n")
+    data = trips_config()
+    data["sources"]["trips"]["path"] = "trips"
+    with pytest.raises(DataError, match=r"part-2.csv header does not match .* another order"):
+        clean(spark, config_from_dict(data), run_dir)
+
+
+def test_gzipped_and_globbed_sources_are_read(spark, tmp_path):
+    import gzip
+
+    run_dir = RunDir.at(tmp_path)
+    write_raw(run_dir)
+    with gzip.open(run_dir.raw / "trips-a.csv.gz", "wt") as fh:
+        fh.write(TRIPS)
+    data = trips_config()
+    data["sources"]["trips"]["path"] = str(run_dir.raw / "trips-*.csv.gz")
+    quality = clean(spark, config_from_dict(data), run_dir)
+    assert quality["sources"]["trips"]["rows_in"] == 13

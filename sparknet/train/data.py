@@ -88,9 +88,10 @@ def read_row_groups(
     rng = np.random.default_rng(seed + epoch)
     try:
         for batch in reader:
-            ids = np.asarray(getattr(batch, SAMPLE_ID), dtype=np.int64)
+            # Copies: Arrow's buffers are read-only, and torch wants writable arrays.
+            ids = np.array(getattr(batch, SAMPLE_ID), dtype=np.int64)
             x = np.column_stack([getattr(batch, c) for c in columns]).astype(np.float32, copy=False)
-            y = np.asarray(getattr(batch, LABEL), dtype=np.float32)
+            y = np.array(getattr(batch, LABEL), dtype=np.float32)
             if shuffle:
                 order = rng.permutation(len(ids))
                 ids, x, y = ids[order], x[order], y[order]

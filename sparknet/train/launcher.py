@@ -42,10 +42,25 @@ def task_spec(config: Config, run_dir: RunDir, columns: list[str]) -> TaskSpec:
     )
 
 
-def preflight(spark: SparkSession, workers: int) -> None:
-    """Barrier stages need every task running at once; say so now rather than wait."""
+def preflight(spark: SparkSession, workers: int, device: str, manifest: dict) -> None:
+    """Refuse now, with the knob to change, what would otherwise fail inside the tasks
+    or leave a barrier stage waiting for slots."""
+    for split in ("train", "validation"):
+        groups = manifest["splits"][split]["row_groups"]
+        if groups < workers:
+            raise TrainingError(
+                f"the {split} shards have {groups} row groups, fewer than train.workers="
+                f"{workers}: some ranks would get no data; rerun the shard stage with this "
+                "config (it writes at least train.workers row groups per split)"
+            )
     sc = spark.sparkContext
     conf = sc.getConf()
+    if device == "cuda" and not conf.get("spark.task.resource.gpu.amount", None):
+        raise TrainingError(
+            "train.device=cuda but spark.task.resource.gpu.amount is not set: Spark would "
+            "give the training tasks no GPU; set it (and the executor GPU resources) or use "
+            "train.device=auto"
+        )
     if conf.get("spark.dynamicAllocation.enabled", "false").lower() == "true":
         raise TrainingError(
             "spark.dynamicAllocation.enabled=true: Spark refuses barrier stages with dynamic "
@@ -75,7 +90,7 @@ def train(spark: SparkSession, config: Config, run_dir: RunDir) -> dict:
     manifest = read_json(run_dir.require(run_dir.shards_manifest, "shard"))
     columns = manifest["columns"]
     workers = config.train.workers
-    preflight(spark, workers)
+    preflight(spark, workers, config.train.device, manifest)
     # A model left by an earlier run must not pass for this one's if training fails.
     shutil.rmtree(run_dir.model, ignore_errors=True)
     spec = task_spec(config, run_dir, columns)

@@ -111,6 +111,12 @@ def run_rank(spec: TaskSpec) -> dict:
     """Trains one rank; returns its report (rank 0's also carries the weights)."""
     from pyspark import BarrierTaskContext
 
+    from sparknet.logs import set_stage, setup_logging
+
+    # Executors have no handler of ours: without one, rank 0's epoch lines vanish.
+    # (In local mode they reach the console; on a cluster, the executor's stderr log.)
+    setup_logging()
+    set_stage("train")
     context = BarrierTaskContext.get()
     rank = context.partitionId()
     try:

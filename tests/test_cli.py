@@ -1,0 +1,48 @@
+"""The jobs' command line: failures are one clear line and an exit code, not a trace."""
+
+import os
+import subprocess
+import sys
+
+import yaml
+from test_clean import trips_config, write_raw
+
+from conftest import REPO
+from sparknet.run_dir import RunDir
+
+
+def run_job(*args):
+    env = {**os.environ, "SPARK_LOCAL_IP": "127.0.0.1", "PYSPARK_PYTHON": sys.executable}
+    done = subprocess.run(
+        [sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    return done.returncode, done.stdout + done.stderr
+
+
+def test_spark_runtime_failure_is_summarised(tmp_path):
+    run_dir = RunDir.at(tmp_path / "run")
+    write_raw(run_dir)
+    data = trips_config()
+    # Under ANSI mode make_date raises on month 13 at run time, inside a Spark task.
+    data["features"]["derived"] = {"bad_date": "make_date(2024, 13, id)"}
+    data["features"]["numeric"] = ["km", "bad_date_year"]
+    data["features"]["derived"]["bad_date_year"] = "year(bad_date)"
+    config = tmp_path / "trips.yaml"
+    config.write_text(yaml.safe_dump(data, sort_keys=False))
+
+    code, log = run_job("jobs/clean.py", "--config", str(config), "--run-dir", str(run_dir.root))
+    assert code == 0, log[-3000:]
+    code, log = run_job("jobs/features.py", "--config", str(config), "--run-dir", str(run_dir.root))
+    assert code == 1
+    # Spark's own executor log keeps its JVM stack; sparknet's last word is one line.
+    last = [line for line in log.splitlines() if "sparknet[" in line][-1]
+    assert "Spark failed: [DATETIME_FIELD_OUT_OF_BOUNDS]" in last
+    assert "Traceback (most recent call last)" not in log
+
+
+def test_stage_on_a_missing_run_dir_does_not_create_it(tmp_path):
+    missing = tmp_path / "nope"
+    code, log = run_job("jobs/shard.py", "--config", "conf/flights.yaml", "--run-dir", str(missing))
+    assert code == 2
+    assert f"run directory {missing} does not exist" in log
+    assert not missing.exists()
