@@ -46,6 +46,21 @@ class TaskSpec:
     prefetch_row_groups: int
     timeout_s: float
 
+    def share(self, path: str, rank: int, world_size: int, epoch: int, shuffle: bool = True):
+        """This rank's row groups of the split at `path` for `epoch`."""
+        from sparknet.train.data import iterate_row_groups
+
+        return iterate_row_groups(
+            path,
+            self.columns,
+            rank,
+            world_size,
+            self.seed,
+            epoch,
+            self.prefetch_row_groups,
+            shuffle=shuffle,
+        )
+
 
 def is_loopback(host: str) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.")
@@ -135,7 +150,7 @@ def _train(spec: TaskSpec, context) -> dict:
     import torch.nn.functional as F
     from torch.nn.parallel import DistributedDataParallel
 
-    from sparknet.train.data import iterate_row_groups, rebatch
+    from sparknet.train.data import rebatch
     from sparknet.train.model import ModelSpec, build_mlp, save_model, state_to_bytes
 
     threads = max(1, int(context.cpus()))
@@ -167,15 +182,7 @@ def _train(spec: TaskSpec, context) -> dict:
             # the dense sample ids; summed over ranks they identify "each id exactly once".
             seen = torch.zeros(3, dtype=torch.float64)
             loss_sum = torch.zeros(2, dtype=torch.float64)
-            groups = iterate_row_groups(
-                spec.train_path,
-                spec.columns,
-                rank,
-                world_size,
-                spec.seed,
-                epoch,
-                spec.prefetch_row_groups,
-            )
+            groups = spec.share(spec.train_path, rank, world_size, epoch)
             # Ranks may hold a few rows more or less (whole row groups are dealt);
             # join() lets the early finisher shadow the others' allreduces instead of
             # leaving them waiting forever.
@@ -311,21 +318,10 @@ def _validate(spec: TaskSpec, model, rank: int, world_size: int, epoch: int, dev
     import torch
     import torch.nn.functional as F
 
-    from sparknet.train.data import iterate_row_groups
-
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64)  # loss * n, correct, n
     with torch.no_grad():
-        for _, x, y in iterate_row_groups(
-            spec.validation_path,
-            spec.columns,
-            rank,
-            world_size,
-            spec.seed,
-            epoch,
-            spec.prefetch_row_groups,
-            shuffle=False,
-        ):
+        for _, x, y in spec.share(spec.validation_path, rank, world_size, epoch, shuffle=False):
             logits = model(torch.from_numpy(x).to(device)).squeeze(1).cpu()
             target = torch.from_numpy(y)
             loss = F.binary_cross_entropy_with_logits(
