@@ -108,3 +108,10 @@ def test_a_failing_rank_fails_the_job_with_its_message(spark, shards):
     with pytest.raises(TrainingError, match=r"rank \d failed: AttributeError.*pc_missing"):
         train(spark, config(workers=2, timeout_s=30), shards)
     assert not (shards.model / "model.pt").exists()
+
+
+def test_a_diverging_loss_stops_every_rank_with_a_hint(spark, shards):
+    with pytest.raises(
+        TrainingError, match=r"training loss is (nan|inf); lower train.learning_rate"
+    ):
+        train(spark, config(workers=2, epochs=2, optimizer="sgd", learning_rate=1e12), shards)

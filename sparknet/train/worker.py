@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import logging
+import math
 import os
 import time
 import traceback
@@ -206,13 +207,21 @@ def _train(spec: TaskSpec, context) -> dict:
             totals = torch.cat([seen, loss_sum]).to(device)
             all_reduce(totals)
             totals = totals.cpu()
+            train_loss = float(totals[3] / max(totals[4], 1))
+            if not math.isfinite(train_loss):
+                # Every rank sees the same summed loss, so all stop here together.
+                raise TrainingError(
+                    f"epoch {epoch}: the training loss is {train_loss}; lower "
+                    f"train.learning_rate (now {spec.learning_rate}) or check the shards for "
+                    "extreme values"
+                )
             val_loss, val_accuracy, val_rows = _validate(
                 spec, model, rank, world_size, epoch, device
             )
             elapsed = time.perf_counter() - started
             record = {
                 "epoch": epoch,
-                "train_loss": float(totals[3] / max(totals[4], 1)),
+                "train_loss": train_loss,
                 "validation_loss": val_loss,
                 "validation_accuracy": val_accuracy,
                 "validation_rows": val_rows,
