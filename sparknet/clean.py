@@ -21,6 +21,7 @@ import bz2
 import glob
 import gzip
 import logging
+import shutil
 from pathlib import Path
 
 from pyspark import StorageLevel
@@ -346,6 +347,34 @@ def clean(spark: SparkSession, config: Config, run_dir: RunDir) -> dict:
         df.unpersist()
 
     write_json(run_dir.quality, quality)  # also when a check below fails: it explains why
+    try:
+        _check_outcome(config, quality, written_clean, written_rejects, run_dir)
+    except DataError:
+        # A refused output must not feed the features stage.
+        shutil.rmtree(run_dir.clean, ignore_errors=True)
+        raise
+    main = quality["sources"][config.main]
+    quality.update(
+        {
+            "main": config.main,
+            "rows_in": main["rows_in"],
+            "clean": written_clean,
+            "rejected": main["rejected"],
+            "rejected_by_reason": main["rejected_by_reason"],
+            "reconciled": main["rows_in"] == written_clean + main["rejected"],
+            "label": config.label.name,
+            "label_positive_share": _positive_share(spark, run_dir, config.label.name),
+        }
+    )
+    write_json(run_dir.quality, quality)
+    return quality
+
+
+def _check_outcome(
+    config: Config, quality: dict, written_clean: int, written_rejects: dict, run_dir: RunDir
+) -> None:
+    """Refuses a clean output that rejects too much or does not reconcile with what was
+    written."""
     for name, report in quality["sources"].items():
         ceiling = config.sources[name].max_reject_share
         share = report["rejected"] / report["rows_in"]
@@ -370,20 +399,6 @@ def clean(spark: SparkSession, config: Config, run_dir: RunDir) -> dict:
             )
         if report["rows_in"] != report["clean"] + report["rejected"]:
             raise DataError(f"clean: sources.{name} does not reconcile: {report}")
-    quality.update(
-        {
-            "main": config.main,
-            "rows_in": main["rows_in"],
-            "clean": written_clean,
-            "rejected": main["rejected"],
-            "rejected_by_reason": main["rejected_by_reason"],
-            "reconciled": main["rows_in"] == written_clean + main["rejected"],
-            "label": config.label.name,
-            "label_positive_share": _positive_share(spark, run_dir, config.label.name),
-        }
-    )
-    write_json(run_dir.quality, quality)
-    return quality
 
 
 def _positive_share(spark: SparkSession, run_dir: RunDir, label: str) -> float:

@@ -53,7 +53,7 @@ def main(stages: Sequence[str], argv: Sequence[str] | None = None) -> int:
         else:
             stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
             run_dir = RunDir.at(f"runs/{config.name}-{stamp}")
-        if stages[0] in ("ingest", "clean"):
+        if stages[0] == "ingest":
             run_dir.root.mkdir(parents=True, exist_ok=True)
         elif not run_dir.root.is_dir():
             raise RunDirError(
@@ -99,4 +99,7 @@ def main(stages: Sequence[str], argv: Sequence[str] | None = None) -> int:
         return 1
     finally:
         if spark is not None:
-            spark.stop()
+            try:
+                spark.stop()
+            except Exception:  # the gateway may be gone after an interrupt
+                log.debug("spark.stop() failed", exc_info=True)

@@ -301,6 +301,11 @@ def _check(c: Config) -> None:
                     f"{w}: features.{listed}: '{col}' is neither a cleaned, joined "
                     "nor derived column"
                 )
+    both = sorted(set(c.features.numeric) & set(c.features.categorical))
+    if both:
+        raise ConfigError(
+            f"{w}: features: {both} listed as both numeric and categorical; keep each in one"
+        )
     if not c.features.numeric and not c.features.categorical:
         raise ConfigError(f"{w}: features: list at least one numeric or categorical column")
     _one_of(f"{w}: features.impute", c.features.impute, IMPUTE_STRATEGIES)

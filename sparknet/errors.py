@@ -13,7 +13,9 @@ def spark_error_summary(exc: BaseException, lines: int = 2) -> str:
     kept = []
     for line in text.splitlines():
         line = line.strip()
-        if not line or line.startswith(("at ", "JVM stacktrace", "Traceback", "File ")):
+        if line.startswith(("'", "+-", ":-", "== ", "JVM stacktrace")):
+            break  # a query plan or the JVM stack follows: the message is complete
+        if not line or line.startswith(("at ", "Traceback", "File ")):
             continue
         kept.append(line)
         if len(kept) == lines:

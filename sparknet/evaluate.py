@@ -73,7 +73,8 @@ def binary_metrics(y: np.ndarray, p: np.ndarray, train_positive_share: float) ->
 
 
 def evaluate(spark: SparkSession, config: Config, run_dir: RunDir) -> dict:
-    spec, state = load_model_files(run_dir.require(run_dir.model, "train"))
+    run_dir.require(run_dir.model / "model.pt", "train")
+    spec, state = load_model_files(run_dir.model)
     test = spark.read.parquet(str(run_dir.require(run_dir.shard("test"), "shard")))
     train_share = float(
         spark.read.parquet(str(run_dir.shard("train"))).agg(F.avg(LABEL)).first()[0]

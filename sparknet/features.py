@@ -120,8 +120,12 @@ def fit_and_project(spark: SparkSession, config: Config, run_dir: RunDir) -> dic
     df = prepared_table(spark, config, run_dir).persist(StorageLevel.MEMORY_AND_DISK)
     train = df.filter(F.col(SPLIT) == "train")
     n_train = train.count()
-    if n_train == 0:
-        raise DataError(f"features: the train split of {run_dir.clean} is empty; check split.*")
+    if n_train < 2:
+        raise DataError(
+            f"features: the train split of {run_dir.clean} has {n_train} rows; PCA needs at "
+            f"least 2: lower split.validation ({config.split.validation}) and split.test "
+            f"({config.split.test}), or add data"
+        )
 
     prep = preprocessing(config).fit(train)
     transformed = prep.transform(train)

@@ -31,8 +31,16 @@ def setup_logging(level: int = logging.INFO) -> None:
     root.addHandler(handler)
     root.setLevel(level)
     root.propagate = False
-    # py4j logs every gateway call at INFO.
-    logging.getLogger("py4j").setLevel(logging.WARNING)
+    # py4j logs every gateway call at INFO, and an interrupted or failed call with its
+    # traceback, partly through the root logger; the failure itself reaches the user
+    # through the exception sparknet reports. Other libraries' root records still show.
+    logging.getLogger("py4j").setLevel(logging.CRITICAL)
+    root_logger = logging.getLogger()
+    if not root_logger.handlers:
+        fallback = logging.StreamHandler(sys.stderr)
+        fallback.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        fallback.addFilter(lambda record: "py4j" not in record.pathname)
+        root_logger.addHandler(fallback)
     # pyspark logs every failed query as a page of JSON before raising it; the
     # exception itself reaches the user once, through sparknet's own message.
     for name in ("DataFrameQueryContextLogger", "SQLQueryContextLogger"):

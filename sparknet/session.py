@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import threading
 
 from pyspark.sql import SparkSession
 
@@ -56,6 +58,11 @@ def spark_session(config: Config, master: str | None = None) -> SparkSession:
         builder = builder.config(key, value)
 
     spark = builder.getOrCreate()
+    if threading.current_thread() is threading.main_thread():
+        # PySpark's own SIGINT handler calls into the JVM while the main thread may be
+        # blocked in another JVM call, and py4j fails with a "reentrant call" error that
+        # hides the interrupt. Raise it plainly; spark.stop() then cancels the jobs.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     spark.sparkContext.setLogLevel("WARN")
     log.info(
         "spark %s, master %s, default parallelism %d",

@@ -186,6 +186,7 @@ def test_reject_share_above_the_ceiling_fails_after_writing_the_evidence(spark, 
         clean(spark, config_from_dict(data), run_dir)
     assert read_json(run_dir.quality)["sources"]["trips"]["rejected"] == 9
     assert spark.read.parquet(str(run_dir.rejects)).count() == 11
+    assert not run_dir.clean.exists()  # a refused output must not feed the next stage
 
 
 def test_bad_label_expression_names_the_key(spark, tmp_path):

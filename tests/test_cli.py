@@ -1,8 +1,10 @@
 """The jobs' command line: failures are one clear line and an exit code, not a trace."""
 
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import yaml
 from test_clean import trips_config, write_raw
@@ -46,3 +48,37 @@ def test_stage_on_a_missing_run_dir_does_not_create_it(tmp_path):
     assert code == 2
     assert f"run directory {missing} does not exist" in log
     assert not missing.exists()
+
+
+def test_ctrl_c_ends_the_job_with_one_line_and_exit_130(tmp_path, flights_sample):
+    raw, _ = flights_sample
+    run_dir = RunDir.at(tmp_path / "run")
+    run_dir.root.mkdir()
+    os.symlink(raw, run_dir.raw)
+    from conftest import flights_config_dict
+
+    data = flights_config_dict()
+    data["ingest"] = {}
+    config = tmp_path / "flights.yaml"
+    config.write_text(yaml.safe_dump(data, sort_keys=False))
+    env = {**os.environ, "SPARK_LOCAL_IP": "127.0.0.1", "PYSPARK_PYTHON": sys.executable}
+    job = subprocess.Popen(
+        [sys.executable, "jobs/clean.py", "--config", str(config), "--run-dir", str(run_dir.root)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines = []
+    for line in job.stdout:  # wait until Spark runs, then interrupt mid-stage
+        lines.append(line)
+        if "sparknet[-] stack:" in line:
+            time.sleep(2)
+            job.send_signal(signal.SIGINT)
+            break
+    lines.extend(job.stdout)
+    assert job.wait(timeout=120) == 130, "".join(lines)[-3000:]
+    log = "".join(lines)
+    assert "interrupted" in [line for line in lines if "sparknet[" in line][-1]
+    assert "Traceback (most recent call last)" not in log

@@ -42,6 +42,10 @@ def test_leaking_columns_are_not_features():
         ),
         (lambda d: d["split"].update(test=0.6, validation=0.5), "split: validation (0.5)"),
         (lambda d: d.pop("label"), "missing required key 'label'"),
+        (
+            lambda d: d["features"]["categorical"].append("month"),
+            "['month'] listed as both numeric and categorical",
+        ),
     ],
 )
 def test_bad_config_names_the_key(edit, message):
