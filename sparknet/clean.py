@@ -8,6 +8,8 @@ reconciles rows in = clean + rejected per source, and the job fails if it does n
 Reason codes, first match wins:
   malformed_record    the reader could not split the line into the expected fields
   unparseable_value   a field does not parse as its configured type (`column` names it)
+  non_finite_value    NaN or +-Infinity in a double or float column
+  out_of_range        outside the column's configured min/max or allowed values
   missing_label       a column the label needs is null, or the label evaluates to null
   invalid_label       a binary label that is neither 0 nor 1
   missing_value       a required column is null (`column` names it)
@@ -149,18 +151,30 @@ def classify(
     and REASON_COLUMN.
     """
     raw_cols = list(src.columns)
-    typed = {c: F.trim(F.col(c)).try_cast(SPARK_TYPES[t]) for c, t in src.columns.items()}
+    typed = {
+        c: F.trim(F.col(c)).try_cast(SPARK_TYPES[spec.type]) for c, spec in src.columns.items()
+    }
     reason_and_column: list[tuple[Column, str, str | None]] = [
         (F.col(CORRUPT).isNotNull(), "malformed_record", None)
     ]
     for c in raw_cols:
-        if src.columns[c] != "string":
+        spec = src.columns[c]
+        if spec.type != "string":
             bad = F.col(c).isNotNull() & (F.trim(F.col(c)) != "") & typed[c].isNull()
             reason_and_column.append((bad, "unparseable_value", c))
-        if src.columns[c] in ("double", "float"):
+        if spec.type in ("double", "float"):
             # "NaN" and "Infinity" parse as doubles but poison means, PCA and training.
             non_finite = F.isnan(typed[c]) | (F.abs(typed[c]) == float("inf"))
             reason_and_column.append((non_finite, "non_finite_value", c))
+        outside = F.lit(False)
+        if spec.min is not None:
+            outside = outside | (typed[c] < F.lit(spec.min))
+        if spec.max is not None:
+            outside = outside | (typed[c] > F.lit(spec.max))
+        if spec.values:
+            outside = outside | ~typed[c].isin(*spec.values)
+        if spec.min is not None or spec.max is not None or spec.values:
+            reason_and_column.append((F.coalesce(outside, F.lit(False)), "out_of_range", c))
 
     out = df.select(
         *[typed[c].alias(c) for c in raw_cols],

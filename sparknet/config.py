@@ -43,9 +43,20 @@ class IngestConfig:
 
 
 @dataclass(frozen=True)
+class ColumnConfig:
+    """A column's type and the values it may hold. In YAML either the bare type
+    (`month: int`) or a mapping (`month: {type: int, min: 1, max: 12}`)."""
+
+    type: str
+    min: float | None = None  # inclusive bounds, numeric columns only
+    max: float | None = None
+    values: list[str] = field(default_factory=list)  # allowed values (string columns)
+
+
+@dataclass(frozen=True)
 class SourceConfig:
     path: str  # relative to <run-dir>/raw, or absolute
-    columns: dict[str, str]  # name -> one of COLUMN_TYPES, in file order
+    columns: dict[str, ColumnConfig]  # in file order
     format: str = "csv"
     options: dict[str, str] = field(default_factory=dict)
     # Rows where any of these is null are rejected as missing_value.
@@ -179,6 +190,8 @@ def config_from_dict(data: dict[str, Any], where: str = "<dict>") -> Config:
 def _build(tp: Any, value: Any, where: str) -> Any:
     """Turns parsed YAML into `tp`, naming the key path of the first value that does not fit."""
     origin = typing.get_origin(tp)
+    if tp is ColumnConfig and isinstance(value, str):
+        value = {"type": value}
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
@@ -215,7 +228,9 @@ def _build(tp: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         return [_build(item_tp, v, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin in (typing.Union, types.UnionType):
-        raise TypeError(f"unsupported config type {tp}")  # keep the schema simple
+        # Only `X | None` is used: an optional value.
+        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        return None if value is None else _build(inner, value, where)
     if tp is str:
         # YAML turns `NA`-like scalars and numbers into other types; config strings stay strings.
         if isinstance(value, (dict, list)) or value is None:
@@ -260,8 +275,15 @@ def _check(c: Config) -> None:
             raise ConfigError(f"{where}.columns: list at least one column")
         if not 0 <= src.max_reject_share <= 1:
             raise ConfigError(f"{where}.max_reject_share: must be in [0, 1]")
-        for col, typ in src.columns.items():
-            _one_of(f"{where}.columns.{col}", typ, COLUMN_TYPES)
+        for col, spec in src.columns.items():
+            _one_of(f"{where}.columns.{col}", spec.type, COLUMN_TYPES)
+            numeric = spec.type in ("int", "long", "double", "float")
+            if (spec.min is not None or spec.max is not None) and not numeric:
+                raise ConfigError(f"{where}.columns.{col}: min/max need a numeric type")
+            if spec.values and spec.type != "string":
+                raise ConfigError(f"{where}.columns.{col}: values needs type string")
+            if spec.min is not None and spec.max is not None and spec.min > spec.max:
+                raise ConfigError(f"{where}.columns.{col}: min {spec.min} > max {spec.max}")
         for listed in ("required", "key"):
             for col in getattr(src, listed):
                 if col not in src.columns:

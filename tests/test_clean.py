@@ -24,6 +24,7 @@ TRIPS = """id,city,km,late_min,day
 10,C,2.5,16,2024-01-10
 11,A,NaN,3,2024-01-11
 12,B,-Infinity,3,2024-01-12
+13,B,-5,3,2024-01-13
 """
 
 CITIES = """city,pop
@@ -40,6 +41,7 @@ EXPECTED_REASONS = {
     "duplicate_row": 1,
     "malformed_record": 2,  # too few and too many fields
     "non_finite_value": 2,  # km=NaN, km=-Infinity
+    "out_of_range": 1,  # km=-5 below its min of 0
 }
 
 
@@ -53,7 +55,7 @@ def trips_config(**overrides) -> dict:
                 "columns": {
                     "id": "int",
                     "city": "string",
-                    "km": "double",
+                    "km": {"type": "double", "min": 0},
                     "late_min": "double",
                     "day": "date",
                 },
@@ -96,9 +98,9 @@ def test_every_row_is_accounted_for(cleaned):
     run_dir, quality = cleaned
     assert quality == read_json(run_dir.quality)
     trips = quality["sources"]["trips"]
-    assert trips["rows_in"] == 13
+    assert trips["rows_in"] == 14
     assert trips["rejected_by_reason"] == EXPECTED_REASONS
-    assert trips["clean"] == 4 and trips["rejected"] == 9
+    assert trips["clean"] == 4 and trips["rejected"] == 10
     assert quality["rows_in"] == quality["clean"] + quality["rejected"]
     assert quality["reconciled"] is True
 
@@ -181,11 +183,11 @@ def test_reject_share_above_the_ceiling_fails_after_writing_the_evidence(spark, 
     data = trips_config()
     data["sources"]["trips"]["max_reject_share"] = 0.5
     with pytest.raises(
-        DataError, match=r"sources.trips: 69.2% of the 13 rows .*trips.max_reject_share=0.5"
+        DataError, match=r"sources.trips: 71.4% of the 14 rows .*trips.max_reject_share=0.5"
     ):
         clean(spark, config_from_dict(data), run_dir)
-    assert read_json(run_dir.quality)["sources"]["trips"]["rejected"] == 9
-    assert spark.read.parquet(str(run_dir.rejects)).count() == 11
+    assert read_json(run_dir.quality)["sources"]["trips"]["rejected"] == 10
+    assert spark.read.parquet(str(run_dir.rejects)).count() == 12
     assert not run_dir.clean.exists()  # a refused output must not feed the next stage
 
 
@@ -226,4 +228,4 @@ def test_gzipped_and_globbed_sources_are_read(spark, tmp_path):
     data = trips_config()
     data["sources"]["trips"]["path"] = str(run_dir.raw / "trips-*.csv.gz")
     quality = clean(spark, config_from_dict(data), run_dir)
-    assert quality["sources"]["trips"]["rows_in"] == 13
+    assert quality["sources"]["trips"]["rows_in"] == 14
