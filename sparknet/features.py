@@ -11,6 +11,7 @@ Shapes: numeric and categorical columns -> `assembled` (dense after scaling, n_f
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -27,7 +28,7 @@ from pyspark.ml.feature import (
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from sparknet.config import Config, SplitConfig
+from sparknet.config import Config, FeaturesConfig, SplitConfig
 from sparknet.errors import DataError, spark_error_summary
 from sparknet.run_dir import RunDir, write_json
 
@@ -64,9 +65,43 @@ def with_derived(df: DataFrame, config: Config) -> DataFrame:
     return df
 
 
-def preprocessing(config: Config) -> Pipeline:
+def informative_features(
+    train: DataFrame, feats: FeaturesConfig
+) -> tuple[FeaturesConfig, dict[str, str]]:
+    """Drops, with a warning, the columns that carry nothing on the train split: all
+    null (the imputer would have nothing to fit) or constant (zero variance)."""
+    aggs = []
+    for c in feats.numeric:
+        aggs += [
+            F.count(c).alias(f"{c}__n"),
+            F.stddev_pop(c).alias(f"{c}__sd"),
+            F.avg(c).alias(f"{c}__mean"),
+        ]
+    aggs += [F.countDistinct(c).alias(f"{c}__distinct") for c in feats.categorical]
+    stats = train.agg(*aggs).first() if aggs else {}
+    dropped = {}
+    for c in feats.numeric:
+        if stats[f"{c}__n"] == 0:
+            dropped[c] = "all null"
+        # Summation leaves a constant column a standard deviation of about 1e-16.
+        elif (stats[f"{c}__sd"] or 0.0) <= 1e-12 * max(1.0, abs(stats[f"{c}__mean"])):
+            dropped[c] = "constant"
+    for c in feats.categorical:
+        # Nulls get their own index, so one distinct value plus nulls still informs.
+        if stats[f"{c}__distinct"] == 0:
+            dropped[c] = "all null"
+    for c, why in dropped.items():
+        log.warning("feature %s dropped: %s on the train split", c, why)
+    kept = dataclasses.replace(
+        feats,
+        numeric=[c for c in feats.numeric if c not in dropped],
+        categorical=[c for c in feats.categorical if c not in dropped],
+    )
+    return kept, dropped
+
+
+def preprocessing(feats: FeaturesConfig) -> Pipeline:
     """Impute -> index + one-hot -> assemble -> standardise; PCA is added after k is known."""
-    feats = config.features
     numeric_out = [f"{c}__imputed" for c in feats.numeric]
     index_out = [f"{c}__index" for c in feats.categorical]
     onehot_out = [f"{c}__onehot" for c in feats.categorical]
@@ -127,7 +162,12 @@ def fit_and_project(spark: SparkSession, config: Config, run_dir: RunDir) -> dic
             f"({config.split.test}), or add data"
         )
 
-    prep = preprocessing(config).fit(train)
+    kept, dropped = informative_features(train, config.features)
+    if not kept.numeric and not kept.categorical:
+        raise DataError(
+            f"features: every feature column is all-null or constant on the train split: {dropped}"
+        )
+    prep = preprocessing(kept).fit(train)
     transformed = prep.transform(train)
     scaled_train = transformed.select("scaled").persist(StorageLevel.MEMORY_AND_DISK)
     n_features = len(scaled_train.first()["scaled"])
@@ -163,6 +203,7 @@ def fit_and_project(spark: SparkSession, config: Config, run_dir: RunDir) -> dic
         "cumulative_explained_variance": [float(c) for c in np.cumsum(ratios[:k])],
         "explained_variance_ratio_all": [float(r) for r in ratios],
         "fitted_on": {"split": "train", "rows": n_train},
+        "dropped_features": dropped,
         "rows_by_split": split_counts,
     }
     write_json(run_dir.pca, report)

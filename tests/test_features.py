@@ -1,11 +1,14 @@
 """Features + PCA on a synthetic cleaned table whose structure is known."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 from pyspark.ml import PipelineModel
+from pyspark.sql import functions as F
 
 from conftest import synthetic_clean, synthetic_config
-from sparknet.config import SplitConfig
+from sparknet.config import ColumnConfig, SplitConfig
 from sparknet.features import choose_k, fit_and_project, split_column
 from sparknet.run_dir import RunDir, read_json
 
@@ -84,3 +87,35 @@ def test_unseen_category_and_missing_values_score(spark, tmp_path):
     )
     out = model.transform(new).select("pca").collect()
     assert all(np.all(np.isfinite(r["pca"].toArray())) for r in out)
+
+
+def test_all_null_and_constant_columns_are_dropped_with_the_reason(spark, tmp_path):
+    run_dir = RunDir.at(tmp_path)
+    base = synthetic_clean(spark, tmp_path / "base")
+    base.withColumn("x_null", F.lit(None).cast("double")).withColumn(
+        "x_const", F.lit(3.0)
+    ).write.parquet(str(run_dir.clean))
+    config = synthetic_config()
+    data_features = {
+        "numeric": ["x1", "x2", "x3", "x4", "x_null", "x_const"],
+        "categorical": ["cat"],
+    }
+    config = dataclasses.replace(
+        config,
+        sources={
+            "rows": dataclasses.replace(
+                config.sources["rows"],
+                columns={
+                    **config.sources["rows"].columns,
+                    "x_null": ColumnConfig("double"),
+                    "x_const": ColumnConfig("double"),
+                },
+            )
+        },
+        features=dataclasses.replace(config.features, **data_features),
+    )
+    report = fit_and_project(spark, config, run_dir)
+    assert report["dropped_features"] == {"x_null": "all null", "x_const": "constant"}
+    assert not any(name.startswith(("x_null", "x_const")) for name in report["feature_names"])
+    first = spark.read.parquet(str(run_dir.features)).select("pca").first()["pca"]
+    assert np.all(np.isfinite(first.toArray()))
