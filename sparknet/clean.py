@@ -352,7 +352,12 @@ def clean(spark: SparkSession, config: Config, run_dir: RunDir) -> dict:
     rejects.coalesce(1).write.mode("overwrite").parquet(str(run_dir.rejects))
 
     # Reconcile from what was written, not from what was planned.
-    written_clean = spark.read.parquet(str(run_dir.clean)).count()
+    written = (
+        spark.read.parquet(str(run_dir.clean))
+        .agg(F.count(F.lit(1)).alias("rows"), F.avg(config.label.name).alias("positive_share"))
+        .first()
+    )
+    written_clean = written["rows"]
     written_rejects = {
         (r["source"]): r["count"]
         for r in spark.read.parquet(str(run_dir.rejects)).groupBy("source").count().collect()
@@ -377,7 +382,7 @@ def clean(spark: SparkSession, config: Config, run_dir: RunDir) -> dict:
             "rejected_by_reason": main["rejected_by_reason"],
             "reconciled": main["rows_in"] == written_clean + main["rejected"],
             "label": config.label.name,
-            "label_positive_share": _positive_share(spark, run_dir, config.label.name),
+            "label_positive_share": float(written["positive_share"]),
         }
     )
     write_json(run_dir.quality, quality)
@@ -413,7 +418,3 @@ def _check_outcome(
             )
         if report["rows_in"] != report["clean"] + report["rejected"]:
             raise DataError(f"clean: sources.{name} does not reconcile: {report}")
-
-
-def _positive_share(spark: SparkSession, run_dir: RunDir, label: str) -> float:
-    return float(spark.read.parquet(str(run_dir.clean)).agg(F.avg(label)).first()[0])

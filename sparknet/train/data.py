@@ -60,48 +60,6 @@ def quiet_reader_warnings() -> None:
     warnings.filterwarnings("ignore", category=ResourceWarning)
 
 
-def read_row_groups(
-    path: str | Path,
-    columns: list[str],
-    rank: int,
-    world_size: int,
-    seed: int,
-    epoch: int,
-    shuffle: bool = True,
-) -> Iterator[Batch]:
-    """Yields (sample_id int64 (n,), features float32 (n, k), label float32 (n,)) per
-    row group of this rank's share, converting column-wise."""
-    quiet_reader_warnings()
-    from petastorm import make_batch_reader
-
-    url = dataset_url(path)
-    reader = make_batch_reader(
-        url,
-        filesystem=local_filesystem() if url.startswith("file://") else None,
-        cur_shard=rank,
-        shard_count=world_size,
-        num_epochs=1,
-        shuffle_row_groups=shuffle,
-        seed=seed + epoch,
-        reader_pool_type="dummy",
-    )
-    rng = np.random.default_rng(seed + epoch)
-    try:
-        for batch in reader:
-            # Copies: Arrow's buffers are read-only, and torch wants writable arrays.
-            ids = np.array(getattr(batch, SAMPLE_ID), dtype=np.int64)
-            x = np.column_stack([getattr(batch, c) for c in columns]).astype(np.float32, copy=False)
-            y = np.array(getattr(batch, LABEL), dtype=np.float32)
-            if shuffle:
-                order = rng.permutation(len(ids))
-                ids, x, y = ids[order], x[order], y[order]
-            yield ids, x, y
-    finally:
-        # Not `with reader`: its exit prints "Cache cleanup complete." to stdout.
-        reader.stop()
-        reader.join()
-
-
 _DONE = object()
 
 
@@ -162,9 +120,44 @@ def iterate_row_groups(
     prefetch_row_groups: int = 2,
     shuffle: bool = True,
 ) -> Iterator[Batch]:
-    """This rank's row groups for one epoch, read `prefetch_row_groups` ahead."""
-    groups = read_row_groups(path, columns, rank, world_size, seed, epoch, shuffle)
-    return prefetch(groups, prefetch_row_groups)
+    """This rank's row groups for one epoch, read `prefetch_row_groups` ahead: yields
+    (sample_id int64 (n,), features float32 (n, k), label float32 (n,)) per row group,
+    converting column-wise."""
+
+    def read() -> Iterator[Batch]:
+        quiet_reader_warnings()
+        from petastorm import make_batch_reader
+
+        url = dataset_url(path)
+        reader = make_batch_reader(
+            url,
+            filesystem=local_filesystem() if url.startswith("file://") else None,
+            cur_shard=rank,
+            shard_count=world_size,
+            num_epochs=1,
+            shuffle_row_groups=shuffle,
+            seed=seed + epoch,
+            reader_pool_type="dummy",
+        )
+        rng = np.random.default_rng(seed + epoch)
+        try:
+            for batch in reader:
+                # Copies: Arrow's buffers are read-only, and torch wants writable arrays.
+                ids = np.array(getattr(batch, SAMPLE_ID), dtype=np.int64)
+                x = np.column_stack([getattr(batch, c) for c in columns]).astype(
+                    np.float32, copy=False
+                )
+                y = np.array(getattr(batch, LABEL), dtype=np.float32)
+                if shuffle:
+                    order = rng.permutation(len(ids))
+                    ids, x, y = ids[order], x[order], y[order]
+                yield ids, x, y
+        finally:
+            # Not `with reader`: its exit prints "Cache cleanup complete." to stdout.
+            reader.stop()
+            reader.join()
+
+    return prefetch(read(), prefetch_row_groups)
 
 
 def rebatch(groups: Iterator[Batch], batch_size: int) -> Iterator[Batch]:
