@@ -31,7 +31,7 @@ from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from sparknet.config import Config, SourceConfig
+from sparknet.config import Config, LabelConfig, SourceConfig
 from sparknet.errors import DataError, spark_error_summary
 from sparknet.run_dir import RunDir, write_json
 
@@ -140,9 +140,7 @@ def _check_header(name: str, src: SourceConfig, path: str) -> None:
 def classify(
     df: DataFrame,
     src: SourceConfig,
-    label_expr: str | None = None,
-    label_name: str | None = None,
-    label_requires: tuple[str, ...] = (),
+    label: LabelConfig | None = None,
     dedupe: str = "row",
 ) -> DataFrame:
     """Parses the raw string columns and adds the reason a row is refused (null when clean).
@@ -186,19 +184,20 @@ def classify(
         *[cond.alias(f"_bad_{i}") for i, (cond, _, _) in enumerate(reason_and_column)],
     )
     checks = [(F.col(f"_bad_{i}"), r, c) for i, (_, r, c) in enumerate(reason_and_column)]
-    if label_expr is not None:
+    if label is not None:
         try:
-            out = out.withColumn(label_name, F.expr(label_expr).cast("double"))
+            value, invalid = _label_value(label)
+            out = out.withColumn(label.name, value).withColumn("_label_invalid", invalid)
         except Exception as exc:  # AnalysisException or ParseException
             raise DataError(
-                f"label.expr: cannot evaluate '{label_expr}' on the main source's columns "
+                f"label.expr: cannot evaluate '{label.expr}' on the main source's columns "
                 f"{raw_cols}: {spark_error_summary(exc)}"
             ) from None
         missing = F.lit(False)
-        for c in label_requires:
+        for c in label.requires:
             missing = missing | F.col(c).isNull()
-        checks.append((missing | F.col(label_name).isNull(), "missing_label", None))
-        checks.append((~F.col(label_name).isin(0.0, 1.0), "invalid_label", label_name))
+        checks.append((missing | F.col(label.name).isNull(), "missing_label", None))
+        checks.append((F.col("_label_invalid"), "invalid_label", label.name))
     for c in src.required:
         checks.append((F.col(c).isNull(), "missing_value", c))
 
@@ -230,7 +229,33 @@ def classify(
                 F.when(repeat, F.lit(",".join(group))).otherwise(F.col(REASON_COLUMN)),
             )
         out = out.drop("_repeat")
-    return out.drop(CORRUPT, *[f"_bad_{i}" for i in range(len(reason_and_column))])
+    return out.drop(
+        CORRUPT, "_label_invalid", *[f"_bad_{i}" for i in range(len(reason_and_column))]
+    )
+
+
+def _label_value(label: LabelConfig) -> tuple[Column, Column]:
+    """The label as the double the later stages train on, and when it is invalid.
+
+    binary: 0.0 or 1.0 (a boolean expression counts as 0/1); multiclass: the index of
+    the value in label.classes; regression: any finite number.
+    """
+    expr = F.expr(label.expr)
+    if label.task == "multiclass":
+        as_text = F.trim(expr.cast("string"))
+        # array_position is 1-based and 0 when absent.
+        position = F.array_position(F.array(*[F.lit(c) for c in label.classes]), as_text)
+        value = F.when(position > 0, (position - 1).cast("double"))
+        invalid = as_text.isNotNull() & (position == 0)
+    else:
+        value = expr.try_cast("double")
+        if label.task == "binary":
+            invalid = ~value.isin(0.0, 1.0)
+        else:
+            invalid = F.isnan(value) | (F.abs(value) == float("inf"))
+        # A bad label keeps no value: the row is rejected for it.
+        value = F.when(~invalid, value)
+    return value, F.coalesce(invalid, F.lit(False))
 
 
 def rejects_of(classified: DataFrame, source: str) -> DataFrame:
@@ -266,9 +291,7 @@ def clean(spark: SparkSession, config: Config, run_dir: RunDir) -> dict:
         classified = classify(
             raw,
             src,
-            label_expr=config.label.expr if is_main else None,
-            label_name=config.label.name if is_main else None,
-            label_requires=tuple(config.label.requires) if is_main else (),
+            label=config.label if is_main else None,
             dedupe="row" if is_main else "key",
         ).persist(StorageLevel.MEMORY_AND_DISK)
         persisted.append(classified)

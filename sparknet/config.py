@@ -20,7 +20,7 @@ import yaml
 from sparknet.errors import ConfigError
 
 COLUMN_TYPES = ("int", "long", "double", "float", "string", "boolean", "date", "timestamp")
-TASKS = ("binary",)
+TASKS = ("binary", "multiclass", "regression")
 ACTIVATIONS = ("relu", "gelu", "tanh", "silu")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 IMPUTE_STRATEGIES = ("median", "mean", "mode")
@@ -80,7 +80,10 @@ class LabelConfig:
     name: str
     expr: str  # Spark SQL over the main source's columns
     requires: list[str]  # rows where any is null are rejected as missing_label
+    # binary: expr is 0/1 (or false/true); multiclass: expr's value is one of `classes`,
+    # stored as its index; regression: expr is a finite number.
     task: str = "binary"
+    classes: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -315,6 +318,14 @@ def _check(c: Config) -> None:
         if col not in main_cols:
             raise ConfigError(f"{w}: label.requires: '{col}' is not a column of sources.{c.main}")
     _one_of(f"{w}: label.task", c.label.task, TASKS)
+    if c.label.task == "multiclass":
+        if len(c.label.classes) < 2 or len(set(c.label.classes)) != len(c.label.classes):
+            raise ConfigError(
+                f"{w}: label.classes: a multiclass label needs its distinct classes listed "
+                f"(at least 2, in the order of the network's outputs), got {c.label.classes}"
+            )
+    elif c.label.classes:
+        raise ConfigError(f"{w}: label.classes: only for task multiclass, not {c.label.task}")
     available |= set(c.features.derived)
     for listed in ("numeric", "categorical"):
         for col in getattr(c.features, listed):
