@@ -6,15 +6,18 @@ Every input row ends in exactly one place: <run-dir>/clean (main source, joined)
 reconciles rows in = clean + rejected per source, and the job fails if it does not.
 
 Reason codes, first match wins:
-  malformed_record    the reader could not split the line into the expected fields
+  wrong_field_count   a CSV line with more or fewer fields than the header
+  malformed_record    the reader could not parse the record otherwise (bad quoting, bad JSON)
+  invalid_encoding    a field holds bytes that are not valid in the file's encoding
   unparseable_value   a field does not parse as its configured type (`column` names it)
   non_finite_value    NaN or +-Infinity in a double or float column
   out_of_range        outside the column's configured min/max or allowed values
   missing_label       a column the label needs is null, or the label evaluates to null
-  invalid_label       a binary label that is neither 0 nor 1
-  missing_value       a required column is null (`column` names it)
-  duplicate_row       an exact repeat of an earlier row (main source)
-  duplicate_key       a repeat of an earlier row's key (lookup sources; first kept)
+  invalid_label       a label outside its task's values (binary 0/1, multiclass classes,
+                      regression finite)
+  missing_value       a column with `nullable: false` is null (`column` names it)
+  duplicate_row       an exact repeat of an earlier row (the first is kept)
+  duplicate_key       rows sharing the source's key but differing elsewhere (all rejected)
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import bz2
 import glob
 import gzip
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -31,7 +35,7 @@ from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from sparknet.config import Config, LabelConfig, SourceConfig
+from sparknet.config import ColumnConfig, Config, LabelConfig, SourceConfig
 from sparknet.errors import DataError, spark_error_summary
 from sparknet.run_dir import RunDir, write_json
 
@@ -63,25 +67,59 @@ def source_path(src: SourceConfig, run_dir: RunDir) -> str:
 
 def read_raw(spark: SparkSession, name: str, src: SourceConfig, path: str) -> DataFrame:
     """Reads every configured column as a string, so that a bad value is seen as bad
-    instead of becoming a silent null, plus the reader's corrupt-record text and the file."""
+    instead of becoming a silent null, plus the reader's corrupt-record text and the file.
+    Columns come out under their pipeline names."""
     _check_header(name, src, path)
+    if src.format == "parquet":
+        return _read_parquet(spark, name, src, path)
+    # CSV maps fields to the schema by position (the header was checked above); JSON by
+    # field name, so there the schema uses the names in the file.
     schema = T.StructType(
-        [T.StructField(col, T.StringType()) for col in src.columns]
+        [
+            T.StructField(spec.name_in_file(col) if src.format == "json" else col, T.StringType())
+            for col, spec in src.columns.items()
+        ]
         + [T.StructField(CORRUPT, T.StringType())]
     )
-    reader = spark.read.schema(schema).options(**src.options)
+    options = dict(src.options)
     if src.format == "csv":
-        reader = reader.option("mode", "PERMISSIVE").option("columnNameOfCorruptRecord", CORRUPT)
-        df = reader.csv(path)
-    elif src.format == "json":
-        reader = reader.option("mode", "PERMISSIVE").option("columnNameOfCorruptRecord", CORRUPT)
-        df = reader.json(path)
-    else:
-        df = spark.read.parquet(path).select(
-            *[F.col(c).cast("string").alias(c) for c in src.columns],
-            F.lit(None).cast("string").alias(CORRUPT),
+        # RFC 4180 escapes a quote inside a quoted field by doubling it; Spark's default
+        # escape is a backslash, which would keep `""` in the value.
+        options = {"escape": '"', **options}
+    reader = (
+        spark.read.schema(schema)
+        .options(**options)
+        .option("mode", "PERMISSIVE")
+        .option("columnNameOfCorruptRecord", CORRUPT)
+    )
+    df = reader.csv(path) if src.format == "csv" else reader.json(path)
+    if src.format == "json":
+        df = df.select(
+            *[F.col(f"`{spec.name_in_file(c)}`").alias(c) for c, spec in src.columns.items()],
+            CORRUPT,
         )
     return df.withColumn(SOURCE_FILE, F.input_file_name())
+
+
+def _read_parquet(spark: SparkSession, name: str, src: SourceConfig, path: str) -> DataFrame:
+    df = spark.read.parquet(path)
+    present = set(df.columns)
+    missing = [spec.name_in_file(c) for c, spec in src.columns.items()]
+    missing = [m for m in missing if m not in present]
+    if missing:
+        raise DataError(
+            f"sources.{name}: {path} has no column(s) {missing}; it has {sorted(present)}"
+        )
+    # Typed Parquet values go through the same string parsing as text, so NaN, ranges
+    # and types are checked alike.
+    return df.select(
+        *[
+            F.col(f"`{spec.name_in_file(c)}`").cast("string").alias(c)
+            for c, spec in src.columns.items()
+        ],
+        F.lit(None).cast("string").alias(CORRUPT),
+        F.input_file_name().alias(SOURCE_FILE),
+    )
 
 
 def local_input_files(path: str) -> list[Path] | None:
@@ -99,10 +137,15 @@ def local_input_files(path: str) -> list[Path] | None:
     return [p for p in candidates if p.is_file() and not p.name.startswith(("_", "."))]
 
 
-def _first_line(file: Path) -> str:
+def _first_line(file: Path, encoding: str) -> str:
     opener = {".gz": gzip.open, ".bz2": bz2.open}.get(file.suffix, open)
-    with opener(file, "rt", newline="", encoding="utf-8-sig") as fh:
-        return fh.readline()
+    if encoding.lower().replace("-", "") == "utf8":
+        encoding = "utf-8-sig"  # a byte-order mark is not part of the first column's name
+    try:
+        with opener(file, "rt", newline="", encoding=encoding, errors="replace") as fh:
+            return fh.readline()
+    except LookupError:
+        raise DataError(f"{file}: unknown encoding '{encoding}' in the reader options") from None
 
 
 def _check_header(name: str, src: SourceConfig, path: str) -> None:
@@ -113,12 +156,14 @@ def _check_header(name: str, src: SourceConfig, path: str) -> None:
         raise DataError(f"sources.{name}: input {path} does not exist or holds no files")
     if files is None or src.format != "csv":
         return
-    if src.options.get("header", "false").lower() != "true":
+    options = {k.lower(): v for k, v in src.options.items()}
+    if options.get("header", "false").lower() != "true":
         return
-    sep = src.options.get("sep", src.options.get("delimiter", ","))
-    expected = list(src.columns)
+    sep = options.get("sep", options.get("delimiter", ","))
+    encoding = options.get("encoding", options.get("charset", "utf-8"))
+    expected = [spec.name_in_file(col) for col, spec in src.columns.items()]
     for file in files:
-        first = _first_line(file)
+        first = _first_line(file, encoding)
         if not first.strip():
             raise DataError(f"sources.{name}: {file} is empty; expected a header line")
         header = [h.strip().strip('"') for h in first.rstrip("\r\n").split(sep)]
@@ -141,7 +186,6 @@ def classify(
     df: DataFrame,
     src: SourceConfig,
     label: LabelConfig | None = None,
-    dedupe: str = "row",
 ) -> DataFrame:
     """Parses the raw string columns and adds the reason a row is refused (null when clean).
 
@@ -149,17 +193,24 @@ def classify(
     and REASON_COLUMN.
     """
     raw_cols = list(src.columns)
-    typed = {
-        c: F.trim(F.col(c)).try_cast(SPARK_TYPES[spec.type]) for c, spec in src.columns.items()
-    }
-    reason_and_column: list[tuple[Column, str, str | None]] = [
-        (F.col(CORRUPT).isNotNull(), "malformed_record", None)
-    ]
+    text = {c: _present(F.col(c), src.null_values) for c in raw_cols}
+    typed = {c: _parse(text[c], spec) for c, spec in src.columns.items()}
+    reason_and_column: list[tuple[Column, str, str | None]] = []
+    if src.format == "csv":
+        wrong_count = _field_count(F.col(CORRUPT), src) != len(raw_cols)
+        reason_and_column.append(
+            (F.col(CORRUPT).isNotNull() & wrong_count, "wrong_field_count", None)
+        )
+    reason_and_column.append((F.col(CORRUPT).isNotNull(), "malformed_record", None))
+    for c in raw_cols:
+        # Spark decodes undecodable bytes to U+FFFD instead of failing.
+        reason_and_column.append((F.col(c).contains("\ufffd"), "invalid_encoding", c))
     for c in raw_cols:
         spec = src.columns[c]
         if spec.type != "string":
-            bad = F.col(c).isNotNull() & (F.trim(F.col(c)) != "") & typed[c].isNull()
-            reason_and_column.append((bad, "unparseable_value", c))
+            reason_and_column.append(
+                (text[c].isNotNull() & typed[c].isNull(), "unparseable_value", c)
+            )
         if spec.type in ("double", "float"):
             # "NaN" and "Infinity" parse as doubles but poison means, PCA and training.
             non_finite = F.isnan(typed[c]) | (F.abs(typed[c]) == float("inf"))
@@ -172,7 +223,7 @@ def classify(
         if spec.values:
             outside = outside | ~typed[c].isin(*spec.values)
         if spec.min is not None or spec.max is not None or spec.values:
-            reason_and_column.append((F.coalesce(outside, F.lit(False)), "out_of_range", c))
+            reason_and_column.append((outside, "out_of_range", c))
 
     out = df.select(
         *[typed[c].alias(c) for c in raw_cols],
@@ -180,8 +231,10 @@ def classify(
         F.coalesce(F.col(CORRUPT), F.to_json(F.struct(*[F.col(c) for c in raw_cols]))).alias(
             "_raw_record"
         ),
-        F.col(CORRUPT),
-        *[cond.alias(f"_bad_{i}") for i, (cond, _, _) in enumerate(reason_and_column)],
+        *[
+            F.coalesce(cond, F.lit(False)).alias(f"_bad_{i}")
+            for i, (cond, _, _) in enumerate(reason_and_column)
+        ],
     )
     checks = [(F.col(f"_bad_{i}"), r, c) for i, (_, r, c) in enumerate(reason_and_column)]
     if label is not None:
@@ -198,8 +251,9 @@ def classify(
             missing = missing | F.col(c).isNull()
         checks.append((missing | F.col(label.name).isNull(), "missing_label", None))
         checks.append((F.col("_label_invalid"), "invalid_label", label.name))
-    for c in src.required:
-        checks.append((F.col(c).isNull(), "missing_value", c))
+    for c, spec in src.columns.items():
+        if not spec.nullable:
+            checks.append((F.col(c).isNull(), "missing_value", c))
 
     reason = F.lit(None).cast("string")
     column = F.lit(None).cast("string")
@@ -207,30 +261,57 @@ def classify(
         reason = F.when(cond, F.lit(code)).otherwise(reason)
         column = F.when(cond, F.lit(col)).otherwise(column)
     out = out.withColumn(REASON, reason).withColumn(REASON_COLUMN, column)
+    out = _reject_repeats(out, raw_cols, list(src.key))
+    return out.drop("_label_invalid", *[f"_bad_{i}" for i in range(len(reason_and_column))])
 
-    # Repeats are judged among rows that are otherwise clean; the first by file and raw
-    # text is kept so that reruns keep the same one.
-    if dedupe == "row":
-        group = raw_cols
-        code = "duplicate_row"
-    else:
-        group = list(src.key)
-        code = "duplicate_key"
-    if group:
-        w = Window.partitionBy(*[F.col(c) for c in group], F.col(REASON).isNull()).orderBy(
-            SOURCE_FILE, "_raw_record"
-        )
-        out = out.withColumn("_repeat", F.col(REASON).isNull() & (F.row_number().over(w) > 1))
-        repeat = F.col("_repeat")
-        out = out.withColumn(REASON, F.when(repeat, F.lit(code)).otherwise(F.col(REASON)))
-        if dedupe == "key":
-            out = out.withColumn(
-                REASON_COLUMN,
-                F.when(repeat, F.lit(",".join(group))).otherwise(F.col(REASON_COLUMN)),
-            )
-        out = out.drop("_repeat")
-    return out.drop(
-        CORRUPT, "_label_invalid", *[f"_bad_{i}" for i in range(len(reason_and_column))]
+
+def _present(raw: Column, null_values: list[str]) -> Column:
+    """The trimmed field, or null when it is empty or one of the source's null markers."""
+    trimmed = F.trim(raw)
+    missing = trimmed == ""
+    if null_values:
+        missing = missing | trimmed.isin(*null_values)
+    return F.when(~missing, trimmed)
+
+
+def _parse(text: Column, spec: ColumnConfig) -> Column:
+    if spec.format and spec.type == "date":
+        return F.try_to_timestamp(text, F.lit(spec.format)).cast("date")
+    if spec.format:
+        return F.try_to_timestamp(text, F.lit(spec.format))
+    return text.try_cast(SPARK_TYPES[spec.type])
+
+
+def _field_count(record: Column, src: SourceConfig) -> Column:
+    """How many fields a CSV record has: separators outside quoted sections, plus one."""
+    options = {k.lower(): v for k, v in src.options.items()}
+    sep = options.get("sep", options.get("delimiter", ","))
+    quote = re.escape(options.get("quote", '"'))
+    unquoted = F.regexp_replace(record, f"{quote}(?:[^{quote}]|{quote}{quote})*{quote}", "")
+    return F.size(F.split(unquoted, re.escape(sep), -1))
+
+
+def _reject_repeats(out: DataFrame, columns: list[str], key: list[str]) -> DataFrame:
+    """Among rows that are otherwise clean: an exact repeat of a row is rejected as
+    duplicate_row (the first by file and raw text kept, so reruns keep the same one);
+    rows that share a key but differ elsewhere are all rejected as duplicate_key."""
+    clean_now = F.col(REASON).isNull()
+    w = Window.partitionBy(*[F.col(c) for c in columns], clean_now).orderBy(
+        SOURCE_FILE, "_raw_record"
+    )
+    repeat = clean_now & (F.row_number().over(w) > 1)
+    out = out.withColumn(REASON, F.when(repeat, F.lit("duplicate_row")).otherwise(F.col(REASON)))
+    if not key:
+        return out
+    clean_now = F.col(REASON).isNull()
+    by_key = Window.partitionBy(*[F.col(c) for c in key], clean_now)
+    conflict = clean_now & (F.count(F.lit(1)).over(by_key) > 1)
+    return out.withColumn("_conflict", conflict).select(
+        *[c for c in out.columns if c not in (REASON, REASON_COLUMN)],
+        F.when(F.col("_conflict"), F.lit("duplicate_key")).otherwise(F.col(REASON)).alias(REASON),
+        F.when(F.col("_conflict"), F.lit(",".join(key)))
+        .otherwise(F.col(REASON_COLUMN))
+        .alias(REASON_COLUMN),
     )
 
 
@@ -292,7 +373,6 @@ def clean(spark: SparkSession, config: Config, run_dir: RunDir) -> dict:
             raw,
             src,
             label=config.label if is_main else None,
-            dedupe="row" if is_main else "key",
         ).persist(StorageLevel.MEMORY_AND_DISK)
         persisted.append(classified)
 

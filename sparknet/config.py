@@ -23,7 +23,12 @@ COLUMN_TYPES = ("int", "long", "double", "float", "string", "boolean", "date", "
 TASKS = ("binary", "multiclass", "regression")
 ACTIVATIONS = ("relu", "gelu", "tanh", "silu")
 OPTIMIZERS = ("adam", "adamw", "sgd")
-IMPUTE_STRATEGIES = ("median", "mean", "mode")
+NUMERIC_TYPES = ("int", "long", "double", "float")
+# How a feature's missing values (null, or NaN/inf from a derived expression) are filled,
+# fitted on the train split. `category` (categoricals only) keeps missing as its own
+# category. Rejecting a row instead is the source column's `nullable: false`.
+NUMERIC_IMPUTE = ("median", "mean", "mode", "constant")
+CATEGORICAL_IMPUTE = ("category", "mode", "constant")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -51,6 +56,15 @@ class ColumnConfig:
     min: float | None = None  # inclusive bounds, numeric columns only
     max: float | None = None
     values: list[str] = field(default_factory=list)  # allowed values (string columns)
+    nullable: bool = True  # false: a row where it is null is rejected as missing_value
+    # Spark datetime pattern for date and timestamp columns, e.g. "MM/dd/yy"; empty: ISO 8601.
+    format: str = ""
+    # The column's name in the file's header (or JSON/Parquet field) when it differs from
+    # the name used in the pipeline, e.g. "Body Mass (g)".
+    raw_name: str = ""
+
+    def name_in_file(self, name: str) -> str:
+        return self.raw_name or name
 
 
 @dataclass(frozen=True)
@@ -58,10 +72,12 @@ class SourceConfig:
     path: str  # relative to <run-dir>/raw, or absolute
     columns: dict[str, ColumnConfig]  # in file order
     format: str = "csv"
-    options: dict[str, str] = field(default_factory=dict)
-    # Rows where any of these is null are rejected as missing_value.
-    required: list[str] = field(default_factory=list)
-    # Lookup sources: rows repeating a key are rejected as duplicate_key (first kept).
+    options: dict[str, str] = field(default_factory=dict)  # Spark reader options
+    # Field values read as missing (after trimming), e.g. [NA, n/a, "-"]; an empty field
+    # is always missing.
+    null_values: list[str] = field(default_factory=list)
+    # Rows sharing a key but differing elsewhere are all rejected as duplicate_key: nothing
+    # says which one is right. Lookup sources need one, so a join cannot multiply rows.
     key: list[str] = field(default_factory=list)
     # The clean stage fails when a larger share of this source's rows is rejected.
     max_reject_share: float = 0.05
@@ -87,12 +103,30 @@ class LabelConfig:
 
 
 @dataclass(frozen=True)
+class ImputeConfig:
+    """A feature's missing-value policy. In YAML the bare strategy (`wind_gust: median`)
+    or a mapping (`precip: {strategy: constant, value: 0}`)."""
+
+    strategy: str
+    value: str | None = None  # for `constant`
+
+
+@dataclass(frozen=True)
 class FeaturesConfig:
     numeric: list[str]
     categorical: list[str] = field(default_factory=list)
     # Spark SQL expressions evaluated on the cleaned table: {new column: expression}.
     derived: dict[str, str] = field(default_factory=dict)
-    impute: str = "median"
+    impute: str = "median"  # numeric features not listed in impute_columns
+    impute_columns: dict[str, ImputeConfig] = field(default_factory=dict)
+    # {numeric feature: [low quantile, high quantile]}: values outside the train split's
+    # quantiles are clipped to them, e.g. [0.001, 0.999].
+    clip: dict[str, list[float]] = field(default_factory=dict)
+
+    def impute_for(self, column: str) -> ImputeConfig:
+        if column in self.impute_columns:
+            return self.impute_columns[column]
+        return ImputeConfig("category" if column in self.categorical else self.impute)
 
 
 @dataclass(frozen=True)
@@ -195,6 +229,8 @@ def _build(tp: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if tp is ColumnConfig and isinstance(value, str):
         value = {"type": value}
+    if tp is ImputeConfig and isinstance(value, str):
+        value = {"strategy": value}
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
@@ -264,6 +300,37 @@ def _positive(where: str, value: float) -> None:
         raise ConfigError(f"{where}: must be > 0, got {value}")
 
 
+def _check_features(c: Config, w: str) -> None:
+    f = c.features
+    _one_of(f"{w}: features.impute", f.impute, NUMERIC_IMPUTE[:-1])
+    for col, policy in f.impute_columns.items():
+        where = f"{w}: features.impute_columns.{col}"
+        if col in f.numeric:
+            _one_of(f"{where}.strategy", policy.strategy, NUMERIC_IMPUTE)
+        elif col in f.categorical:
+            _one_of(f"{where}.strategy", policy.strategy, CATEGORICAL_IMPUTE)
+        else:
+            raise ConfigError(f"{where}: '{col}' is not a numeric or categorical feature")
+        if (policy.strategy == "constant") != (policy.value is not None):
+            raise ConfigError(f"{where}: value is needed with strategy constant, and only then")
+        if policy.value is not None and col in f.numeric:
+            try:
+                float(policy.value)
+            except ValueError:
+                raise ConfigError(
+                    f"{where}.value: '{policy.value}' is not a number for numeric feature {col}"
+                ) from None
+    for col, quantiles in f.clip.items():
+        where = f"{w}: features.clip.{col}"
+        if col not in f.numeric:
+            raise ConfigError(f"{where}: '{col}' is not a numeric feature")
+        if len(quantiles) != 2 or not 0 <= quantiles[0] < quantiles[1] <= 1:
+            raise ConfigError(
+                f"{where}: expected [low, high] quantiles with 0 <= low < high <= 1, "
+                f"got {quantiles}"
+            )
+
+
 def _check(c: Config) -> None:
     """Cross-field rules that types alone cannot express."""
     w = c.path
@@ -280,17 +347,22 @@ def _check(c: Config) -> None:
             raise ConfigError(f"{where}.max_reject_share: must be in [0, 1]")
         for col, spec in src.columns.items():
             _one_of(f"{where}.columns.{col}", spec.type, COLUMN_TYPES)
-            numeric = spec.type in ("int", "long", "double", "float")
+            numeric = spec.type in NUMERIC_TYPES
+            if spec.format and spec.type not in ("date", "timestamp"):
+                raise ConfigError(f"{where}.columns.{col}: format needs type date or timestamp")
             if (spec.min is not None or spec.max is not None) and not numeric:
                 raise ConfigError(f"{where}.columns.{col}: min/max need a numeric type")
             if spec.values and spec.type != "string":
                 raise ConfigError(f"{where}.columns.{col}: values needs type string")
             if spec.min is not None and spec.max is not None and spec.min > spec.max:
                 raise ConfigError(f"{where}.columns.{col}: min {spec.min} > max {spec.max}")
-        for listed in ("required", "key"):
-            for col in getattr(src, listed):
-                if col not in src.columns:
-                    raise ConfigError(f"{where}.{listed}: '{col}' is not among its columns")
+        for col in src.key:
+            if col not in src.columns:
+                raise ConfigError(f"{where}.key: '{col}' is not among its columns")
+        in_file = [spec.name_in_file(col) for col, spec in src.columns.items()]
+        repeated = sorted({n for n in in_file if in_file.count(n) > 1})
+        if repeated:
+            raise ConfigError(f"{where}.columns: {repeated} read more than once")
     main_cols = set(c.sources[c.main].columns)
     available = set(main_cols)
     for i, join in enumerate(c.joins):
@@ -341,7 +413,7 @@ def _check(c: Config) -> None:
         )
     if not c.features.numeric and not c.features.categorical:
         raise ConfigError(f"{w}: features: list at least one numeric or categorical column")
-    _one_of(f"{w}: features.impute", c.features.impute, IMPUTE_STRATEGIES)
+    _check_features(c, w)
     for col in c.split.key:
         if col not in main_cols:
             raise ConfigError(f"{w}: split.key: '{col}' is not a column of sources.{c.main}")

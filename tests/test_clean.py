@@ -39,7 +39,7 @@ EXPECTED_REASONS = {
     "missing_label": 1,
     "missing_value": 1,
     "duplicate_row": 1,
-    "malformed_record": 2,  # too few and too many fields
+    "wrong_field_count": 2,  # too few and too many fields
     "non_finite_value": 2,  # km=NaN, km=-Infinity
     "out_of_range": 1,  # km=-5 below its min of 0
 }
@@ -53,13 +53,12 @@ def trips_config(**overrides) -> dict:
                 "path": "trips.csv",
                 "options": {"header": "true", "nullValue": "NA"},
                 "columns": {
-                    "id": "int",
-                    "city": "string",
+                    "id": {"type": "int", "nullable": False},
+                    "city": {"type": "string", "nullable": False},
                     "km": {"type": "double", "min": 0},
                     "late_min": "double",
                     "day": "date",
                 },
-                "required": ["id", "city"],
                 "max_reject_share": 1.0,  # the fixture is mostly bad on purpose
             },
             "cities": {
@@ -105,8 +104,9 @@ def test_every_row_is_accounted_for(cleaned):
     assert quality["reconciled"] is True
 
     cities = quality["sources"]["cities"]
-    assert cities["rejected_by_reason"] == {"duplicate_key": 1, "unparseable_value": 1}
-    assert cities["clean"] == 2
+    # A appears twice with different populations: neither can be trusted.
+    assert cities["rejected_by_reason"] == {"duplicate_key": 2, "unparseable_value": 1}
+    assert cities["clean"] == 1
 
 
 def test_clean_rows_are_typed_labelled_and_joined(spark, cleaned):
@@ -115,12 +115,13 @@ def test_clean_rows_are_typed_labelled_and_joined(spark, cleaned):
     assert sorted(rows) == [1, 2, 9, 10]
     assert rows[1]["late"] == 1.0 and rows[2]["late"] == 0.0 and rows[10]["late"] == 1.0
     assert rows[1]["km"] == 10.5 and str(rows[1]["day"]) == "2024-01-01"
-    # The first A (by file order) is kept, its repeat rejected; C's row was unparseable.
-    assert rows[1]["city_pop"] == 100
-    assert rows[9]["city_pop"] is None and rows[10]["city_pop"] is None
+    # A's two conflicting rows were rejected and C's was unparseable: only B joins.
+    assert rows[2]["city_pop"] == 200
+    assert rows[1]["city_pop"] is None and rows[9]["city_pop"] is None
+    assert rows[10]["city_pop"] is None
     assert run_dir.quality.exists()
     joins = read_json(run_dir.quality)["joins"]["cities"]
-    assert joins == {"on": ["city"], "matched": 2, "unmatched": 2}
+    assert joins == {"on": ["city"], "matched": 1, "unmatched": 3}
 
 
 def test_rejects_carry_file_raw_record_and_reason(spark, cleaned):
@@ -136,7 +137,7 @@ def test_rejects_carry_file_raw_record_and_reason(spark, cleaned):
     assert bad_km["source_file"].endswith("trips.csv")
     assert ("trips", "unparseable_value", "day") in by_reason
     assert ("trips", "missing_value", "city") in by_reason
-    malformed = rejects.filter(F.col("reason") == "malformed_record").collect()
+    malformed = rejects.filter(F.col("reason") == "wrong_field_count").collect()
     assert sorted(r["raw_record"] for r in malformed) == ["6,A,1,2", "7,A,1,2,2024-01-07,extra"]
 
 
@@ -187,7 +188,7 @@ def test_reject_share_above_the_ceiling_fails_after_writing_the_evidence(spark, 
     ):
         clean(spark, config_from_dict(data), run_dir)
     assert read_json(run_dir.quality)["sources"]["trips"]["rejected"] == 10
-    assert spark.read.parquet(str(run_dir.rejects)).count() == 12
+    assert spark.read.parquet(str(run_dir.rejects)).count() == 13
     assert not run_dir.clean.exists()  # a refused output must not feed the next stage
 
 
