@@ -37,6 +37,7 @@ from pyspark.sql import types as T
 
 from sparknet.config import ColumnConfig, Config, LabelConfig, SourceConfig
 from sparknet.errors import DataError, spark_error_summary
+from sparknet.quality import clean_column_types, column_profile, log_clean_quality
 from sparknet.run_dir import RunDir, write_json
 
 log = logging.getLogger(__name__)
@@ -455,12 +456,9 @@ def clean(spark: SparkSession, config: Config, run_dir: RunDir) -> dict:
     rejects.coalesce(1).write.mode("overwrite").parquet(str(run_dir.rejects))
 
     # Reconcile from what was written, not from what was planned.
-    written = (
-        spark.read.parquet(str(run_dir.clean))
-        .agg(F.count(F.lit(1)).alias("rows"), F.avg(config.label.name).alias("positive_share"))
-        .first()
-    )
-    written_clean = written["rows"]
+    written = spark.read.parquet(str(run_dir.clean))
+    profile = column_profile(written, clean_column_types(config))
+    written_clean = written.count()
     written_rejects = {
         (r["source"]): r["count"]
         for r in spark.read.parquet(str(run_dir.rejects)).groupBy("source").count().collect()
@@ -484,12 +482,29 @@ def clean(spark: SparkSession, config: Config, run_dir: RunDir) -> dict:
             "rejected": main["rejected"],
             "rejected_by_reason": main["rejected_by_reason"],
             "reconciled": main["rows_in"] == written_clean + main["rejected"],
-            "label": config.label.name,
-            "label_positive_share": float(written["positive_share"]),
+            "label": label_summary(config, written),
+            "columns": profile,
         }
     )
     write_json(run_dir.quality, quality)
+    log_clean_quality(quality)
     return quality
+
+
+def label_summary(config: Config, clean: DataFrame) -> dict:
+    """The label's distribution in the clean table: the positive share (binary), rows per
+    class (multiclass) or mean and stddev (regression)."""
+    label = config.label
+    summary: dict = {"name": label.name, "task": label.task}
+    if label.task == "binary":
+        summary["positive_share"] = clean.agg(F.avg(label.name)).first()[0]
+    elif label.task == "multiclass":
+        counts = {int(r[0]): r[1] for r in clean.groupBy(label.name).count().collect()}
+        summary["rows_by_class"] = {c: counts.get(i, 0) for i, c in enumerate(label.classes)}
+    else:
+        row = clean.agg(F.avg(label.name), F.stddev_pop(label.name)).first()
+        summary.update(mean=row[0], stddev=row[1])
+    return summary
 
 
 def _check_outcome(

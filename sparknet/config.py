@@ -290,6 +290,19 @@ def _build(tp: Any, value: Any, where: str) -> Any:
     raise TypeError(f"unsupported config type {tp}")
 
 
+# Pipeline column names are plain identifiers, so that SQL expressions, Parquet and the
+# saved pipeline never need quoting; `raw_name` maps a file's other spelling onto one.
+IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _identifier(where: str, name: str) -> None:
+    if not IDENTIFIER.fullmatch(name):
+        raise ConfigError(
+            f"{where}: '{name}' is not a plain column name (letters, digits, _); "
+            "name it so and give the file's spelling as raw_name"
+        )
+
+
 def _one_of(where: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(f"{where}: '{value}' is not one of {', '.join(allowed)}")
@@ -346,6 +359,7 @@ def _check(c: Config) -> None:
         if not 0 <= src.max_reject_share <= 1:
             raise ConfigError(f"{where}.max_reject_share: must be in [0, 1]")
         for col, spec in src.columns.items():
+            _identifier(f"{where}.columns", col)
             _one_of(f"{where}.columns.{col}", spec.type, COLUMN_TYPES)
             numeric = spec.type in NUMERIC_TYPES
             if spec.format and spec.type not in ("date", "timestamp"):
@@ -383,6 +397,7 @@ def _check(c: Config) -> None:
                 raise ConfigError(
                     f"{where}.select: '{col}' is not a column of sources.{join.source}"
                 )
+            _identifier(f"{where}.select.{col}", new)
             if new in available:
                 raise ConfigError(f"{where}.select: '{new}' would overwrite an existing column")
             available.add(new)
@@ -398,6 +413,9 @@ def _check(c: Config) -> None:
             )
     elif c.label.classes:
         raise ConfigError(f"{w}: label.classes: only for task multiclass, not {c.label.task}")
+    _identifier(f"{w}: label.name", c.label.name)
+    for name in c.features.derived:
+        _identifier(f"{w}: features.derived", name)
     available |= set(c.features.derived)
     for listed in ("numeric", "categorical"):
         for col in getattr(c.features, listed):

@@ -1,6 +1,6 @@
-"""Features + PCA: derive, split, impute, encode, scale, assemble, project.
+"""Features + PCA: derive, split, fill and clip, encode, scale, assemble, project.
 
-Every fitted step (imputer medians, category indexes, scaler moments, PCA basis) is
+Every fitted step (fill values, clip bounds, category indexes, scaler moments, PCA basis) is
 fitted on the train split only and saved as one Spark ML PipelineModel, so scoring
 applies exactly the rules training saw.
 
@@ -19,7 +19,6 @@ from pyspark import StorageLevel
 from pyspark.ml import Pipeline, PipelineModel
 from pyspark.ml.feature import (
     PCA,
-    Imputer,
     OneHotEncoder,
     StandardScaler,
     StringIndexer,
@@ -30,6 +29,17 @@ from pyspark.sql import functions as F
 
 from sparknet.config import Config, FeaturesConfig, SplitConfig
 from sparknet.errors import DataError, spark_error_summary
+from sparknet.feature_rules import (
+    READY,
+    ColumnRule,
+    applied_counts,
+    column_stats,
+    fit_rules,
+    ready,
+    rules_stage,
+    uninformative,
+)
+from sparknet.quality import features_quality, log_features_quality, update_quality
 from sparknet.run_dir import RunDir, write_json
 
 log = logging.getLogger(__name__)
@@ -67,29 +77,11 @@ def with_derived(df: DataFrame, config: Config) -> DataFrame:
 
 def informative_features(
     train: DataFrame, feats: FeaturesConfig
-) -> tuple[FeaturesConfig, dict[str, str]]:
-    """Drops, with a warning, the columns that carry nothing on the train split: all
-    null (the imputer would have nothing to fit) or constant (zero variance)."""
-    aggs = []
-    for c in feats.numeric:
-        aggs += [
-            F.count(c).alias(f"{c}__n"),
-            F.stddev_pop(c).alias(f"{c}__sd"),
-            F.avg(c).alias(f"{c}__mean"),
-        ]
-    aggs += [F.countDistinct(c).alias(f"{c}__distinct") for c in feats.categorical]
-    stats = train.agg(*aggs).first() if aggs else {}
-    dropped = {}
-    for c in feats.numeric:
-        if stats[f"{c}__n"] == 0:
-            dropped[c] = "all null"
-        # Summation leaves a constant column a standard deviation of about 1e-16.
-        elif (stats[f"{c}__sd"] or 0.0) <= 1e-12 * max(1.0, abs(stats[f"{c}__mean"])):
-            dropped[c] = "constant"
-    for c in feats.categorical:
-        # Nulls get their own index, so one distinct value plus nulls still informs.
-        if stats[f"{c}__distinct"] == 0:
-            dropped[c] = "all null"
+) -> tuple[FeaturesConfig, dict[str, str], dict[str, dict]]:
+    """Drops, with a warning, the columns that carry nothing on the train split; returns
+    the kept features, the dropped ones with the reason, and every feature's train stats."""
+    stats = column_stats(train, feats)
+    dropped = uninformative(feats, stats)
     for c, why in dropped.items():
         log.warning("feature %s dropped: %s on the train split", c, why)
     kept = dataclasses.replace(
@@ -97,27 +89,29 @@ def informative_features(
         numeric=[c for c in feats.numeric if c not in dropped],
         categorical=[c for c in feats.categorical if c not in dropped],
     )
-    return kept, dropped
+    return kept, dropped, stats
 
 
-def preprocessing(feats: FeaturesConfig) -> Pipeline:
-    """Impute -> index + one-hot -> assemble -> standardise; PCA is added after k is known."""
-    numeric_out = [f"{c}__imputed" for c in feats.numeric]
+def preprocessing(feats: FeaturesConfig, rules: list[ColumnRule]) -> Pipeline:
+    """Fill + clip -> index + one-hot -> assemble -> standardise; PCA is added after k is
+    known."""
+    numeric_out = [ready(c) for c in feats.numeric]
     index_out = [f"{c}__index" for c in feats.categorical]
     onehot_out = [f"{c}__onehot" for c in feats.categorical]
-    stages = []
-    if feats.numeric:
-        stages.append(
-            Imputer(inputCols=feats.numeric, outputCols=numeric_out, strategy=feats.impute)
-        )
+    stages = [rules_stage(rules)]
     if feats.categorical:
-        # "keep" gives nulls and categories unseen at fit time one extra, last index, so
-        # scoring never fails on a new carrier or airport. The encoder's dropLast then
-        # makes that index the all-zero vector: one slot per category seen in training.
+        # "keep" gives categories unseen at fit time (and missing values left as their own
+        # category) one extra, last index, so scoring never fails on a new carrier or
+        # airport. The encoder's dropLast then makes that index the all-zero vector.
         stages.append(
-            StringIndexer(inputCols=feats.categorical, outputCols=index_out, handleInvalid="keep")
+            StringIndexer(
+                inputCols=[ready(c) for c in feats.categorical],
+                outputCols=index_out,
+                handleInvalid="keep",
+            )
         )
         stages.append(OneHotEncoder(inputCols=index_out, outputCols=onehot_out, dropLast=True))
+    # "error": a non-finite value here is a bug in the rules above, never data to pass on.
     stages.append(
         VectorAssembler(
             inputCols=numeric_out + onehot_out, outputCol="assembled", handleInvalid="error"
@@ -162,12 +156,13 @@ def fit_and_project(spark: SparkSession, config: Config, run_dir: RunDir) -> dic
             f"({config.split.test}), or add data"
         )
 
-    kept, dropped = informative_features(train, config.features)
+    kept, dropped, train_stats = informative_features(train, config.features)
     if not kept.numeric and not kept.categorical:
         raise DataError(
             f"features: every feature column is all-null or constant on the train split: {dropped}"
         )
-    prep = preprocessing(kept).fit(train)
+    rules = fit_rules(train, kept)
+    prep = preprocessing(kept, rules).fit(train)
     transformed = prep.transform(train)
     scaled_train = transformed.select("scaled").persist(StorageLevel.MEMORY_AND_DISK)
     n_features = len(scaled_train.first()["scaled"])
@@ -191,7 +186,11 @@ def fit_and_project(spark: SparkSession, config: Config, run_dir: RunDir) -> dic
     projected = model.transform(df).select(*config.split.key, config.label.name, SPLIT, FEATURES)
     projected.write.mode("overwrite").partitionBy(SPLIT).parquet(str(run_dir.features))
     split_counts = {r[SPLIT]: r["count"] for r in df.groupBy(SPLIT).count().collect()}
+    applied = applied_counts(df, rules)
     df.unpersist()
+    feature_quality = features_quality(config, rules, dropped, train_stats, applied, n_train)
+    log_features_quality(feature_quality)
+    update_quality(run_dir, "features", feature_quality)
 
     report = {
         "k": k,
@@ -227,5 +226,8 @@ def feature_names(scaled: DataFrame, n_features: int) -> list[str]:
     names = [""] * n_features
     for group in attrs.values():
         for attr in group:
-            names[attr["idx"]] = attr.get("name", f"slot_{attr['idx']}")
+            name = attr.get("name", f"slot_{attr['idx']}")
+            # Spark names slots after the stage columns: x__ready, cat__onehot_value.
+            name = name.removesuffix(READY).replace("__onehot_", "=", 1)
+            names[attr["idx"]] = name
     return names

@@ -8,7 +8,7 @@ from pyspark.ml import PipelineModel
 from pyspark.sql import functions as F
 
 from conftest import synthetic_clean, synthetic_config
-from sparknet.config import ColumnConfig, SplitConfig
+from sparknet.config import ColumnConfig, ImputeConfig, SplitConfig
 from sparknet.features import choose_k, fit_and_project, split_column
 from sparknet.run_dir import RunDir, read_json
 
@@ -54,15 +54,19 @@ def test_pca_keeps_the_target_variance_and_is_fit_on_train_only(spark, tmp_path)
     assert ratios[-1] < 1e-9
     assert any(name.startswith("cat") for name in report["feature_names"])
 
-    model = PipelineModel.load(str(run_dir.feature_pipeline))
-    imputer = model.stages[0]
     train = (
         spark.read.parquet(str(run_dir.clean))
         .withColumn("split", split_column(synthetic_config().split))
         .filter("split = 'train'")
     )
+    # The fill value is the train split's median (exact at this size), saved in the
+    # pipeline's first stage and reported.
     train_median = train.approxQuantile("x4", [0.5], 0.0)[0]
-    assert imputer.surrogateDF.first()["x4"] == train_median
+    x4 = read_json(run_dir.quality)["features"]["columns"]["x4"]
+    assert x4["impute"] == "median" and x4["fill"] == train_median
+    assert x4["missing_in_train"] == train.filter("x4 IS NULL").count()
+    model = PipelineModel.load(str(run_dir.feature_pipeline))
+    assert f"CAST('{train_median!r}' AS DOUBLE)" in model.stages[0].getStatement()
     assert report["fitted_on"]["rows"] == train.count()
 
     features = spark.read.parquet(str(run_dir.features))
@@ -119,3 +123,102 @@ def test_all_null_and_constant_columns_are_dropped_with_the_reason(spark, tmp_pa
     assert not any(name.startswith(("x_null", "x_const")) for name in report["feature_names"])
     first = spark.read.parquet(str(run_dir.features)).select("pca").first()["pca"]
     assert np.all(np.isfinite(first.toArray()))
+
+
+def _projected_vectors(df, model):
+    out = model.transform(df).select("assembled", "scaled", "pca").collect()
+    return [np.concatenate([r[c].toArray() for c in ("assembled", "scaled", "pca")]) for r in out]
+
+
+def test_nothing_non_finite_reaches_the_vectors(spark, tmp_path):
+    """Derived expressions can turn clean values into NaN, inf or null; scoring rows can
+    hold nulls, NaN, inf and categories never seen. None of it may reach the vectors."""
+    run_dir = RunDir.at(tmp_path)
+    synthetic_clean(spark, run_dir.clean)
+    config = synthetic_config()
+    derived = {
+        # NaN for negative x1, null where x4 is null, +inf where x4 == 0.
+        "root_x1": "sqrt(x1)",
+        "inv_x4": "CASE WHEN x4 = 0 THEN double('inf') ELSE 1 / x4 END",
+    }
+    config = dataclasses.replace(
+        config,
+        features=dataclasses.replace(
+            config.features,
+            numeric=[*config.features.numeric, *derived],
+            derived=derived,
+        ),
+    )
+    fit_and_project(spark, config, run_dir)
+    for split in ("train", "validation", "test"):
+        projected = spark.read.parquet(str(run_dir.features)).filter(F.col("split") == split)
+        vectors = np.stack([r["pca"].toArray() for r in projected.collect()])
+        assert np.isfinite(vectors).all(), split
+
+    quality = read_json(run_dir.quality)["features"]["columns"]
+    clean = spark.read.parquet(str(run_dir.clean))
+    # Every row's NaN or inf, in every split, was counted as filled.
+    assert quality["root_x1"]["filled"] == clean.filter("x1 < 0").count()
+    assert quality["inv_x4"]["filled"] == clean.filter("x4 IS NULL OR x4 = 0").count()
+
+    model = PipelineModel.load(str(run_dir.feature_pipeline))
+    nasty = spark.createDataFrame(
+        [
+            (float("nan"), float("inf"), None, float("-inf"), "never-seen", -4.0, float("nan")),
+            (None, None, None, None, None, None, None),
+            (1e308, -1e308, 1e308, 0.0, "a", float("inf"), 0.0),
+        ],
+        "x1 double, x2 double, x3 double, x4 double, cat string, root_x1 double, inv_x4 double",
+    )
+    assert all(np.isfinite(v).all() for v in _projected_vectors(nasty, model))
+
+
+def test_fill_strategies_and_clipping_are_fitted_on_train(spark, tmp_path):
+    run_dir = RunDir.at(tmp_path)
+    synthetic_clean(spark, run_dir.clean)
+    config = synthetic_config()
+    config = dataclasses.replace(
+        config,
+        features=dataclasses.replace(
+            config.features,
+            impute="mean",
+            impute_columns={
+                "x4": ImputeConfig("constant", "-1"),
+                "x2": ImputeConfig("mode"),
+                "cat": ImputeConfig("constant", "missing"),
+            },
+            clip={"x1": [0.05, 0.95]},
+        ),
+    )
+    fit_and_project(spark, config, run_dir)
+    train = (
+        spark.read.parquet(str(run_dir.clean))
+        .withColumn("split", split_column(config.split))
+        .filter("split = 'train'")
+    )
+    low, high = train.approxQuantile("x1", [0.05, 0.95], 0.0)
+    columns = read_json(run_dir.quality)["features"]["columns"]
+    assert columns["x1"]["clip_bounds"] == [low, high]
+    # The mean is of the values as clipped.
+    clipped_mean = train.select(F.avg(F.least(F.greatest("x1", F.lit(low)), F.lit(high)))).first()[
+        0
+    ]
+    assert columns["x1"]["fill"] == pytest.approx(clipped_mean, rel=1e-12)
+    everything = spark.read.parquet(str(run_dir.clean))
+    assert (
+        columns["x1"]["clipped"]
+        == everything.filter((F.col("x1") < low) | (F.col("x1") > high)).count()
+    )
+    assert columns["x4"]["fill"] == -1.0 and columns["x4"]["impute"] == "constant"
+    assert columns["x3"]["impute"] == "mean"
+    assert columns["cat"]["fill"] == "missing"
+
+    model = PipelineModel.load(str(run_dir.feature_pipeline))
+    rows = spark.createDataFrame(
+        [(100.0, 0.0, 0.0, None, None), (-100.0, 0.0, 0.0, 2.0, "b")],
+        "x1 double, x2 double, x3 double, x4 double, cat string",
+    )
+    ready = model.stages[0].transform(rows).collect()
+    assert [r["x1__ready"] for r in ready] == [high, low]
+    assert [r["x4__ready"] for r in ready] == [-1.0, 2.0]
+    assert [r["cat__ready"] for r in ready] == ["missing", "b"]
