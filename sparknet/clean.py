@@ -73,13 +73,10 @@ def read_raw(spark: SparkSession, name: str, src: SourceConfig, path: str) -> Da
     _check_header(name, src, path)
     if src.format == "parquet":
         return _read_parquet(spark, name, src, path)
-    # CSV maps fields to the schema by position (the header was checked above); JSON by
-    # field name, so there the schema uses the names in the file.
+    # CSV maps fields to the schema by position (the header was checked above), JSON by
+    # field name; the schema uses the names in the file so that Spark agrees with both.
     schema = T.StructType(
-        [
-            T.StructField(spec.name_in_file(col) if src.format == "json" else col, T.StringType())
-            for col, spec in src.columns.items()
-        ]
+        [T.StructField(spec.name_in_file(col), T.StringType()) for col, spec in src.columns.items()]
         + [T.StructField(CORRUPT, T.StringType())]
     )
     options = dict(src.options)
@@ -94,12 +91,11 @@ def read_raw(spark: SparkSession, name: str, src: SourceConfig, path: str) -> Da
         .option("columnNameOfCorruptRecord", CORRUPT)
     )
     df = reader.csv(path) if src.format == "csv" else reader.json(path)
-    if src.format == "json":
-        df = df.select(
-            *[F.col(f"`{spec.name_in_file(c)}`").alias(c) for c, spec in src.columns.items()],
-            CORRUPT,
-        )
-    return df.withColumn(SOURCE_FILE, F.input_file_name())
+    return df.select(
+        *[F.col(f"`{spec.name_in_file(c)}`").alias(c) for c, spec in src.columns.items()],
+        CORRUPT,
+        F.input_file_name().alias(SOURCE_FILE),
+    )
 
 
 def _read_parquet(spark: SparkSession, name: str, src: SourceConfig, path: str) -> DataFrame:

@@ -71,12 +71,16 @@ def column_stats(train: DataFrame, feats: FeaturesConfig) -> dict[str, dict]:
             F.count(c).alias(f"{c}__n"),
             F.count_distinct(c).alias(f"{c}__distinct"),
         ]
-    row = train.agg(*aggs).first().asDict() if aggs else {}
+    row = train.agg(F.count(F.lit(1)).alias("__rows"), *aggs).first().asDict()
     stats = {}
     for c in feats.numeric:
         stats[c] = {"n": row[f"{c}__n"], "mean": row[f"{c}__mean"], "sd": row[f"{c}__sd"]}
     for c in feats.categorical:
-        stats[c] = {"n": row[f"{c}__n"], "distinct": row[f"{c}__distinct"]}
+        stats[c] = {
+            "n": row[f"{c}__n"],
+            "distinct": row[f"{c}__distinct"],
+            "rows": row["__rows"],
+        }
     return stats
 
 
@@ -93,10 +97,12 @@ def uninformative(feats: FeaturesConfig, stats: dict[str, dict]) -> dict[str, st
             dropped[c] = "constant"
     for c in feats.categorical:
         # Missing values form their own category, so one value plus nulls still informs;
-        # a single value in every row does not.
+        # one value in every row does not.
         s = stats[c]
         if s["n"] == 0:
             dropped[c] = "all null"
+        elif s["distinct"] == 1 and s["n"] == s["rows"]:
+            dropped[c] = "constant"
     return dropped
 
 
