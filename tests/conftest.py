@@ -132,7 +132,7 @@ def synthetic_clean(spark, path, n=3_000, seed=0):
     return df
 
 
-def synthetic_config(variance=0.95, train=None, shard=None):
+def synthetic_config(variance=0.95, train=None, shard=None, label=None):
     return config_from_dict(
         {
             "name": "synthetic",
@@ -151,7 +151,7 @@ def synthetic_config(variance=0.95, train=None, shard=None):
                 }
             },
             "main": "rows",
-            "label": {"name": "y", "expr": "y_raw", "requires": ["y_raw"]},
+            "label": {"name": "y", "expr": "y_raw", "requires": ["y_raw"], **(label or {})},
             "features": {"numeric": ["x1", "x2", "x3", "x4"], "categorical": ["cat"]},
             "pca": {"variance": variance},
             "split": {"key": ["id"], "validation": 0.1, "test": 0.2},

@@ -15,10 +15,26 @@ from sparknet.train.model import load_model_files, model_from_bytes
 K = 4
 
 
-def write_shards(run_dir: RunDir, n_train=3_001, n_validation=500, files=4, seed=0):
+W = np.array([1.5, -2.0, 0.5, 1.0], dtype=np.float32)
+
+
+def linear_binary(x, rng):
     """y = 1 when w·x > 0 for a fixed w: a model that learns reaches high accuracy."""
+    return (x @ W > 0).astype(np.float32)
+
+
+def write_shards(
+    run_dir: RunDir,
+    n_train=3_001,
+    n_validation=500,
+    n_test=0,
+    files=4,
+    seed=0,
+    label_of=linear_binary,
+):
+    """Shards of K standard-normal features and label_of(x, rng) as the float32 label;
+    a test split only when n_test > 0."""
     rng = np.random.default_rng(seed)
-    w = np.array([1.5, -2.0, 0.5, 1.0], dtype=np.float32)
     manifest = {
         "k": K,
         "columns": [f"pc_{i:03d}" for i in range(K)],
@@ -26,9 +42,12 @@ def write_shards(run_dir: RunDir, n_train=3_001, n_validation=500, files=4, seed
         "id": "sample_id",
         "splits": {},
     }
-    for split, n in (("train", n_train), ("validation", n_validation)):
+    sizes = {"train": n_train, "validation": n_validation, "test": n_test}
+    for split, n in sizes.items():
+        if not n:
+            continue
         x = rng.normal(size=(n, K)).astype(np.float32)
-        y = (x @ w > 0).astype(np.float32)
+        y = np.asarray(label_of(x, rng), dtype=np.float32)
         out = run_dir.shard(split)
         out.mkdir(parents=True)
         bounds = np.linspace(0, n, files + 1).astype(int)

@@ -5,31 +5,102 @@ barrier task per rank, verify what the ranks report, save the model.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import shutil
 import time
 
 from pyspark.sql import SparkSession
+from pyspark.sql import functions as F
 
 from sparknet.config import Config
 from sparknet.errors import TrainingError
 from sparknet.run_dir import RunDir, read_json, write_json
+from sparknet.shard import LABEL
 from sparknet.train.model import ModelSpec, load_model_files, model_from_bytes
-from sparknet.train.worker import TaskSpec, run_rank, weights_digest
+from sparknet.train.worker import TaskSpec, run_rank, validation_summary, weights_digest
 
 log = logging.getLogger(__name__)
 
+LOSSES = {
+    "binary": "binary cross-entropy on the logit",
+    "multiclass": "cross-entropy over the class logits",
+    "regression": "mean squared error of the standardised target",
+}
 
-def task_spec(config: Config, run_dir: RunDir, columns: list[str]) -> TaskSpec:
+
+def label_summary(spark: SparkSession, path: str) -> dict:
+    """One pass over a split's shards: rows, mean, population std, min, max of the label,
+    and how many labels are not whole numbers (class indices must be)."""
+    label = F.col(LABEL).cast("double")
+    row = (
+        spark.read.parquet(path)
+        .agg(
+            F.count(label).alias("rows"),
+            F.avg(label).alias("mean"),
+            F.stddev_pop(label).alias("std"),
+            F.min(label).alias("min"),
+            F.max(label).alias("max"),
+            F.sum((label != F.floor(label)).cast("long")).alias("fractional"),
+        )
+        .first()
+    )
+    return row.asDict()
+
+
+def check_labels(config: Config, split: str, summary: dict) -> None:
+    """Refuses labels that do not fit label.task, which happens when the config changed
+    after the clean and shard stages ran; inside the tasks it would surface as an index
+    error or a silently wrong loss."""
+    task, n = config.label.task, summary["rows"]
+    if not n:
+        raise TrainingError(f"the {split} shards hold no labels; rerun the shard stage")
+    low, high = summary["min"], summary["max"]
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise TrainingError(
+            f"the {split} shards hold a non-finite label (min {low}, max {high}); the label is "
+            "stored as float32, so a value beyond ±3.4e38 overflows: rescale label.expr"
+        )
+    if task == "regression":
+        return
+    n_classes = 2 if task == "binary" else len(config.label.classes)
+    if summary["fractional"] or low < 0 or high > n_classes - 1:
+        raise TrainingError(
+            f"label.task={task} expects class indices 0..{n_classes - 1} in the {split} "
+            f"shards, found labels from {low} to {high} ({summary['fractional']} not whole); "
+            "rerun the clean, features and shard stages with this config"
+        )
+
+
+def build_model_spec(config: Config, columns: list[str], train_labels: dict) -> ModelSpec:
+    t, label = config.train, config.label
+    spec = {
+        "columns": list(columns),
+        "hidden": list(t.hidden),
+        "activation": t.activation,
+        "dropout": t.dropout,
+        "task": label.task,
+    }
+    if label.task == "multiclass":
+        spec.update(n_outputs=len(label.classes), classes=list(label.classes))
+    elif label.task == "regression":
+        # min == max, not std == 0: Spark's stddev of equal values can round to ~1e-16.
+        if train_labels["min"] == train_labels["max"]:
+            raise TrainingError(
+                f"label.task=regression but the train split's label '{label.name}' is constant "
+                f"({train_labels['mean']}): there is nothing to learn; check label.expr"
+            )
+        spec.update(target_mean=float(train_labels["mean"]), target_std=float(train_labels["std"]))
+    return ModelSpec(**spec)
+
+
+def task_spec(config: Config, run_dir: RunDir, model: ModelSpec) -> TaskSpec:
     t = config.train
     return TaskSpec(
         train_path=str(run_dir.shard("train")),
         model_path=str(run_dir.model),
         validation_path=str(run_dir.shard("validation")),
-        columns=list(columns),
-        hidden=list(t.hidden),
-        activation=t.activation,
-        dropout=t.dropout,
+        model=model,
         optimizer=t.optimizer,
         learning_rate=t.learning_rate,
         weight_decay=t.weight_decay,
@@ -93,7 +164,13 @@ def train(spark: SparkSession, config: Config, run_dir: RunDir) -> dict:
     preflight(spark, workers, config.train.device, manifest)
     # A model left by an earlier run must not pass for this one's if training fails.
     shutil.rmtree(run_dir.model, ignore_errors=True)
-    spec = task_spec(config, run_dir, columns)
+    # The regression target's mean/std come from the train split alone, computed once
+    # here and shipped in the spec, so every rank standardises with the same numbers.
+    train_labels = label_summary(spark, str(run_dir.shard("train")))
+    check_labels(config, "train", train_labels)
+    check_labels(config, "validation", label_summary(spark, str(run_dir.shard("validation"))))
+    model_spec = build_model_spec(config, columns, train_labels)
+    spec = task_spec(config, run_dir, model_spec)
 
     def run(_partition):
         yield run_rank(spec)
@@ -122,9 +199,6 @@ def train(spark: SparkSession, config: Config, run_dir: RunDir) -> dict:
         _check_coverage(record, n_train)
         record["rank_samples"] = [r["history"][record["epoch"]]["rank_samples"] for r in results]
 
-    model_spec = ModelSpec(
-        columns, list(config.train.hidden), config.train.activation, config.train.dropout
-    )
     # Rank 0 wrote the model; what is on disk must be what every rank ended with.
     saved_spec, state = load_model_files(run_dir.model)
     saved_digest = weights_digest(model_from_bytes(saved_spec, state))
@@ -139,20 +213,23 @@ def train(spark: SparkSession, config: Config, run_dir: RunDir) -> dict:
         "torch_threads_per_rank": results[0]["torch_threads"],
         "identical_weights": True,
         "weights_digest": digests[0],
+        "rank_weights_digests": [r["weights_digest"] for r in results],
         "seconds": seconds,
         "train_rows": n_train,
+        "task": model_spec.task,
+        "loss": LOSSES[model_spec.task],
         "epochs": history,
     }
+    if model_spec.task == "regression":
+        report["target_mean"] = model_spec.target_mean
+        report["target_std"] = model_spec.target_std
     write_json(run_dir.train_report, report)
-    last = history[-1]
     log.info(
-        "trained %d epochs on %d ranks in %.1f s: validation loss %.4f, accuracy %.4f; "
-        "weights identical on all ranks",
+        "trained %d epochs on %d ranks in %.1f s: %s; weights identical on all ranks",
         len(history),
         report["world_size"],
         seconds,
-        last["validation_loss"],
-        last["validation_accuracy"],
+        validation_summary(model_spec.task, history[-1]),
     )
     return report
 

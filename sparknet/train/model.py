@@ -1,17 +1,23 @@
-"""The network and how it is stored: model.json (architecture + input columns) next to
-model.pt (a torch state_dict), so a model loads without the config that trained it."""
+"""The network and how it is stored: model.json (architecture, input columns, and what
+the outputs mean) next to model.pt (a torch state_dict), so a model loads and its
+outputs read correctly without the config that trained it."""
 
 from __future__ import annotations
 
 import io
 import json
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from sparknet.errors import RunDirError
+
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
+TASKS = ("binary", "multiclass", "regression")
 
 
 @dataclass(frozen=True)
@@ -20,6 +26,37 @@ class ModelSpec:
     hidden: list[int]
     activation: str
     dropout: float
+    # The defaults describe the binary models written before tasks existed, so their
+    # model.json still loads.
+    task: str = "binary"
+    n_outputs: int = 1  # 1 for binary and regression, len(classes) for multiclass
+    classes: list[str] = field(default_factory=list)  # multiclass: output i is classes[i]
+    # regression: the network predicts (target - target_mean) / target_std, with both
+    # taken from the train split; predict() undoes it.
+    target_mean: float = 0.0
+    target_std: float = 1.0
+
+    def __post_init__(self):
+        problem = self.problem()
+        if problem:
+            raise ValueError(f"inconsistent ModelSpec: {problem}")
+
+    def problem(self) -> str | None:
+        if self.task not in TASKS:
+            return f"task={self.task!r} is not one of {', '.join(TASKS)}"
+        if self.task == "multiclass":
+            if len(self.classes) < 2 or self.n_outputs != len(self.classes):
+                return (
+                    f"multiclass needs n_outputs == len(classes) >= 2, got n_outputs="
+                    f"{self.n_outputs} and classes={self.classes}"
+                )
+        elif self.n_outputs != 1 or self.classes:
+            return f"task={self.task} needs n_outputs=1 and no classes, got {self.n_outputs}"
+        if not (math.isfinite(self.target_mean) and math.isfinite(self.target_std)):
+            return f"target_mean={self.target_mean}, target_std={self.target_std} must be finite"
+        if self.target_std <= 0:
+            return f"target_std must be > 0, got {self.target_std}"
+        return None
 
     @property
     def n_inputs(self) -> int:
@@ -27,7 +64,8 @@ class ModelSpec:
 
 
 def build_mlp(spec: ModelSpec) -> nn.Sequential:
-    """(batch, n_inputs) float32 -> (batch, 1) logit of the positive class."""
+    """(batch, n_inputs) float32 -> (batch, n_outputs) raw outputs: the positive class's
+    logit (binary), one logit per class (multiclass), the standardised target (regression)."""
     layers: list[nn.Module] = []
     width = spec.n_inputs
     for hidden in spec.hidden:
@@ -35,8 +73,38 @@ def build_mlp(spec: ModelSpec) -> nn.Sequential:
         if spec.dropout > 0:
             layers.append(nn.Dropout(spec.dropout))
         width = hidden
-    layers.append(nn.Linear(width, 1))
+    layers.append(nn.Linear(width, spec.n_outputs))
     return nn.Sequential(*layers)
+
+
+def task_loss(
+    spec: ModelSpec, output: torch.Tensor, label: torch.Tensor, reduction: str = "mean"
+) -> torch.Tensor:
+    """The training loss of raw `output` (batch, n_outputs) against `label` (batch,) as
+    the shards store it (float: 0/1, class index, or target in its own unit)."""
+    if spec.task == "multiclass":
+        return F.cross_entropy(output, label.long(), reduction=reduction)
+    output = output.squeeze(1)
+    if spec.task == "regression":
+        # On the standardised scale, so the learning rate means the same for a target
+        # in the thousands as for one near 1.
+        standard = (label - spec.target_mean) / spec.target_std
+        return F.mse_loss(output, standard.to(output.dtype), reduction=reduction)
+    return F.binary_cross_entropy_with_logits(output, label.to(output.dtype), reduction=reduction)
+
+
+def predict(spec: ModelSpec, output: torch.Tensor) -> torch.Tensor:
+    """Raw `output` (batch, n_outputs) -> what a user reads: the positive-class
+    probability (batch,), a probability per class (batch, n_classes) in `spec.classes`
+    order, or the target in its original unit (batch,). float64, so probabilities sum
+    to 1 to the precision scikit-learn checks."""
+    output = output.double()
+    if spec.task == "multiclass":
+        return torch.softmax(output, dim=1)
+    output = output.squeeze(1)
+    if spec.task == "regression":
+        return output * spec.target_std + spec.target_mean
+    return torch.sigmoid(output)
 
 
 def state_to_bytes(model: nn.Module) -> bytes:
@@ -63,5 +131,9 @@ def save_model(directory: Path, spec: ModelSpec, state: bytes) -> None:
 
 
 def load_model_files(directory: Path) -> tuple[ModelSpec, bytes]:
-    spec = ModelSpec(**json.loads((directory / "model.json").read_text()))
+    path = directory / "model.json"
+    try:
+        spec = ModelSpec(**json.loads(path.read_text()))
+    except (TypeError, ValueError) as exc:
+        raise RunDirError(f"{path} does not describe a sparknet model: {exc}") from None
     return spec, (directory / "model.pt").read_bytes()

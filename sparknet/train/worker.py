@@ -17,10 +17,14 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from sparknet.errors import TrainingError
+
+if TYPE_CHECKING:
+    from sparknet.train.model import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +37,9 @@ class TaskSpec:
     train_path: str
     model_path: str  # rank 0 writes model.json + model.pt here (shared storage on a cluster)
     validation_path: str
-    columns: list[str]
-    hidden: list[int]
-    activation: str
-    dropout: float
+    # The network to build and what its outputs mean; for regression it already holds
+    # the train split's target mean/std, so every rank standardises with the same values.
+    model: ModelSpec
     optimizer: str
     learning_rate: float
     weight_decay: float
@@ -53,7 +56,7 @@ class TaskSpec:
 
         return iterate_row_groups(
             path,
-            self.columns,
+            self.model.columns,
             rank,
             world_size,
             self.seed,
@@ -148,11 +151,10 @@ def run_rank(spec: TaskSpec) -> dict:
 
 def _train(spec: TaskSpec, context) -> dict:
     import torch
-    import torch.nn.functional as F
     from torch.nn.parallel import DistributedDataParallel
 
     from sparknet.train.data import rebatch
-    from sparknet.train.model import ModelSpec, build_mlp, save_model, state_to_bytes
+    from sparknet.train.model import build_mlp, save_model, state_to_bytes, task_loss
 
     threads = max(1, int(context.cpus()))
     torch.set_num_threads(threads)
@@ -168,7 +170,7 @@ def _train(spec: TaskSpec, context) -> dict:
 
     try:
         torch.manual_seed(spec.seed)  # same initial weights on every rank
-        model_spec = ModelSpec(spec.columns, spec.hidden, spec.activation, spec.dropout)
+        model_spec = spec.model
         model = build_mlp(model_spec).to(device)
         ddp = DistributedDataParallel(
             model, device_ids=[device.index] if device.index is not None else None
@@ -192,8 +194,8 @@ def _train(spec: TaskSpec, context) -> dict:
                     features = torch.from_numpy(x).to(device, non_blocking=True)
                     target = torch.from_numpy(y).to(device, non_blocking=True)
                     optimizer.zero_grad(set_to_none=True)
-                    logits = ddp(features).squeeze(1)
-                    loss = F.binary_cross_entropy_with_logits(logits, target)
+                    # (batch, n_outputs) raw outputs; task_loss squeezes or casts per task.
+                    loss = task_loss(model_spec, ddp(features), target)
                     loss.backward()
                     optimizer.step()
                     ids_f = ids.astype(np.float64)
@@ -215,16 +217,12 @@ def _train(spec: TaskSpec, context) -> dict:
                     f"train.learning_rate (now {spec.learning_rate}) or check the shards for "
                     "extreme values"
                 )
-            val_loss, val_accuracy, val_rows = _validate(
-                spec, model, rank, world_size, epoch, device
-            )
+            validation = _validate(spec, model, rank, world_size, epoch, device)
             elapsed = time.perf_counter() - started
             record = {
                 "epoch": epoch,
                 "train_loss": train_loss,
-                "validation_loss": val_loss,
-                "validation_accuracy": val_accuracy,
-                "validation_rows": val_rows,
+                **validation,
                 "samples": int(totals[0]),
                 "sample_id_sum": float(totals[1]),
                 "sample_id_square_sum": float(totals[2]),
@@ -234,13 +232,11 @@ def _train(spec: TaskSpec, context) -> dict:
             history.append(record)
             if rank == 0:
                 log.info(
-                    "rank 0/%d epoch %d: train loss %.4f, validation loss %.4f, accuracy %.4f, "
-                    "%d samples in %.1f s",
+                    "rank 0/%d epoch %d: train loss %.4f, %s, %d samples in %.1f s",
                     world_size,
                     epoch,
                     record["train_loss"],
-                    val_loss,
-                    val_accuracy,
+                    validation_summary(model_spec.task, record),
                     record["samples"],
                     elapsed,
                 )
@@ -322,24 +318,54 @@ def _optimizer(spec: TaskSpec, params):
     return cls(params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
 
 
-def _validate(spec: TaskSpec, model, rank: int, world_size: int, epoch: int, device):
-    """Loss and accuracy on the validation split, each rank its share, summed by allreduce."""
-    import torch
-    import torch.nn.functional as F
+def validation_summary(task: str, record: dict) -> str:
+    """The validation part of an epoch's log line."""
+    if task == "regression":
+        return (
+            f"validation loss {record['validation_loss']:.4f} (standardised MSE), "
+            f"RMSE {record['validation_rmse']:.4g}"
+        )
+    return (
+        f"validation loss {record['validation_loss']:.4f}, "
+        f"accuracy {record['validation_accuracy']:.4f}"
+    )
 
+
+def _validate(spec: TaskSpec, model, rank: int, world_size: int, epoch: int, device) -> dict:
+    """The validation split's mean loss (the training loss, so the two compare) and
+    accuracy (classification) or RMSE in the target's own unit (regression); each rank
+    scores its share, allreduce sums."""
+    import torch
+
+    from sparknet.train.model import predict, task_loss
+
+    model_spec = spec.model
     model.eval()
-    sums = torch.zeros(3, dtype=torch.float64)  # loss * n, correct, n
+    # loss * n, then correct predictions (classification) or squared error in the
+    # original unit (regression), then n
+    sums = torch.zeros(3, dtype=torch.float64)
     with torch.no_grad():
         for _, x, y in spec.share(spec.validation_path, rank, world_size, epoch, shuffle=False):
-            logits = model(torch.from_numpy(x).to(device)).squeeze(1).cpu()
-            target = torch.from_numpy(y)
-            loss = F.binary_cross_entropy_with_logits(
-                logits.double(), target.double(), reduction="sum"
-            )
-            correct = ((logits > 0).float() == target).sum()
-            sums += torch.tensor([loss.item(), correct.item(), len(y)], dtype=torch.float64)
+            output = model(torch.from_numpy(x).to(device)).cpu().double()
+            target = torch.from_numpy(y).double()
+            loss = task_loss(model_spec, output, target, reduction="sum")
+            predicted = predict(model_spec, output)
+            if model_spec.task == "regression":
+                quality = ((predicted - target) ** 2).sum()
+            elif model_spec.task == "multiclass":
+                quality = (predicted.argmax(dim=1) == target.long()).sum()
+            else:
+                # The logit's sign, not sigmoid > 0.5, which rounds tiny logits to 0.5.
+                quality = ((output.squeeze(1) > 0).double() == target).sum()
+            sums += torch.tensor([loss.item(), quality.item(), len(y)], dtype=torch.float64)
     sums = sums.to(device)
     all_reduce(sums)
     sums = sums.cpu()
     n = max(float(sums[2]), 1.0)
-    return float(sums[0]) / n, float(sums[1]) / n, int(sums[2])
+    result = {"validation_loss": float(sums[0]) / n}
+    if model_spec.task == "regression":
+        result["validation_rmse"] = math.sqrt(float(sums[1]) / n)
+    else:
+        result["validation_accuracy"] = float(sums[1]) / n
+    result["validation_rows"] = int(sums[2])
+    return result
