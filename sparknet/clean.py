@@ -82,8 +82,10 @@ def read_raw(spark: SparkSession, name: str, src: SourceConfig, path: str) -> Da
     options = dict(src.options)
     if src.format == "csv":
         # RFC 4180 escapes a quote inside a quoted field by doubling it; Spark's default
-        # escape is a backslash, which would keep `""` in the value.
-        options = {"escape": '"', **options}
+        # escape is a backslash, which would keep `""` in the value. Line by line, Spark
+        # reads a quoted field holding a line break as a clean row with the value cut at
+        # the break: only whole-record parsing keeps it (config refuses multiLine false).
+        options = {"escape": '"', **options, "multiLine": "true"}
     reader = (
         spark.read.schema(schema)
         .options(**options)
@@ -404,14 +406,6 @@ def clean(spark: SparkSession, config: Config, run_dir: RunDir) -> dict:
             report["rejected"],
             report["rejected_by_reason"],
         )
-        if rows_in == 0:
-            raise DataError(f"sources.{name}: {path} has no data rows")
-        if n_clean == 0:
-            raise DataError(
-                f"sources.{name}: all {rows_in} rows of {path} were rejected "
-                f"({report['rejected_by_reason']}); check sources.{name}.columns types and options"
-            )
-
         columns = list(src.columns) + ([config.label.name] if is_main else [])
         cleaned[name] = clean_rows_of(classified, columns)
         all_rejects.append(rejects_of(classified, name))
@@ -506,8 +500,18 @@ def label_summary(config: Config, clean: DataFrame) -> dict:
 def _check_outcome(
     config: Config, quality: dict, written_clean: int, written_rejects: dict, run_dir: RunDir
 ) -> None:
-    """Refuses a clean output that rejects too much or does not reconcile with what was
-    written."""
+    """Refuses a clean output that is empty, rejects too much or does not reconcile with
+    what was written."""
+    for name, report in quality["sources"].items():
+        path, rows_in = report["path"], report["rows_in"]
+        if rows_in == 0:
+            raise DataError(f"sources.{name}: {path} has no data rows")
+        if report["clean"] == 0:
+            raise DataError(
+                f"sources.{name}: all {rows_in} rows of {path} were rejected "
+                f"({report['rejected_by_reason']}); check sources.{name}.columns types and "
+                f"options; the rows and reasons are in {run_dir.rejects}"
+            )
     for name, report in quality["sources"].items():
         ceiling = config.sources[name].max_reject_share
         share = report["rejected"] / report["rows_in"]

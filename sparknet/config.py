@@ -354,6 +354,13 @@ def _check(c: Config) -> None:
     for name, src in c.sources.items():
         where = f"{w}: sources.{name}"
         _one_of(f"{where}.format", src.format, ("csv", "parquet", "json"))
+        multiline = {k.lower(): str(v).lower() for k, v in src.options.items()}.get("multiline")
+        if src.format == "csv" and multiline == "false":
+            raise ConfigError(
+                f"{where}.options.multiLine: false is refused for CSV: a quoted field holding "
+                "a line break would be cut there and its row kept as clean; sparknet reads "
+                "CSV with multiLine true (parallel across files, not within one)"
+            )
         if not src.columns:
             raise ConfigError(f"{where}.columns: list at least one column")
         if not 0 <= src.max_reject_share <= 1:

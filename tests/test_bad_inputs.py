@@ -21,7 +21,7 @@ import pytest
 
 from sparknet.clean import clean
 from sparknet.config import FeaturesConfig, config_from_dict
-from sparknet.errors import DataError
+from sparknet.errors import ConfigError, DataError
 from sparknet.features import informative_features
 from sparknet.run_dir import RunDir, read_json
 
@@ -159,17 +159,11 @@ FIXTURES = {
         label=TABLE_LABEL,
         rows_in=len(TABLE_LINES),
     ),
-    "multiline_on": Fixture(
+    # CSV is always read record by record, not line by line.
+    "quoted_line_break": Fixture(
         raw='id,note\n1,plain\n2,"first\nsecond"\n3,after\n',
         columns={"id": "int", "note": "string"},
-        source={"options": {"header": "true", "multiLine": "true"}},
         rows_in=3,
-    ),
-    # Read line by line, the quoted record is two pieces: `2,"first` and `second"`.
-    "multiline_off": Fixture(
-        raw='id,note\n1,plain\n2,"first\nsecond"\n3,after\n',
-        columns={"id": "int", "note": "string"},
-        rows_in=4,
     ),
     "null_marker": Fixture(
         raw="id,maybe,must\n1,n/a,2.5\n2,1.5, n/a\n3,1.5,2.5\n",
@@ -338,8 +332,11 @@ def test_table_case_ends_where_specified(cleaned, case):
 
     got_rejected = sorted(((r["reason"], r["column"]) for r in rejects), key=repr)
     assert got_rejected == sorted(case.rejected, key=repr)
-    got_clean = [{k: r[k] for k in expected} for r, expected in zip(clean_rows, case.clean)]
-    assert len(clean_rows) == len(case.clean) and got_clean == case.clean
+    assert len(clean_rows) == len(case.clean)
+    got_clean = [
+        {k: r[k] for k in expected} for r, expected in zip(clean_rows, case.clean, strict=True)
+    ]
+    assert got_clean == case.clean
 
 
 def test_wrong_field_count_keeps_the_line_as_written(cleaned):
@@ -367,19 +364,30 @@ def test_all_null_and_constant_columns_pass_clean_and_features_drops_them(spark,
 # --- fixtures needing their own reader options -------------------------------------------
 
 
-def test_quoted_line_break_with_multiline_stays_in_one_value(cleaned):
-    run = cleaned("multiline_on")
+def test_quoted_line_break_stays_in_one_value(cleaned):
+    run = cleaned("quoted_line_break")
     assert picked(run.clean, ["id", "note"]) == [(1, "plain"), (2, "first\nsecond"), (3, "after")]
     assert run.rejects == []
 
 
-def test_quoted_line_break_without_multiline_leaves_nothing_clean_from_the_record(cleaned):
-    run = cleaned("multiline_off")
-    report = run.quality["sources"][SOURCE]
-    assert picked(run.clean, ["id", "note"]) == [(1, "plain"), (3, "after")]
-    assert report["rejected"] == 2  # both pieces
-    assert {r["reason"] for r in run.rejects} <= {"wrong_field_count", "malformed_record"}
-    assert report["rows_in"] == report["clean"] + report["rejected"]
+def test_reading_csv_line_by_line_is_refused():
+    """Line by line, Spark keeps `2,"first` as a clean row with the value cut at the break."""
+    data = {
+        "name": "lines",
+        "sources": {
+            SOURCE: {
+                "path": "rows.csv",
+                "options": {"header": "true", "multiLine": "false"},
+                "columns": {"id": "int", "note": "string"},
+            }
+        },
+        "main": SOURCE,
+        "label": {"name": "y", "expr": "id > 1", "requires": ["id"]},
+        "features": {"numeric": ["id"]},
+        "split": {"key": ["id"]},
+    }
+    with pytest.raises(ConfigError, match=r"sources.rows.options.multiLine: false is refused"):
+        config_from_dict(data)
 
 
 def test_null_marker_is_missing_after_trimming(cleaned):
@@ -397,6 +405,7 @@ def test_null_marker_is_missing_after_trimming(cleaned):
         ("latin1_read_as_utf8", [(2, "plain")], [("1", "invalid_encoding", "name")]),
         ("latin1_declared", [(1, "café"), (2, "plain")], []),
     ],
+    ids=["read_as_utf8", "declared"],
 )
 def test_latin1_bytes_are_invalid_unless_the_encoding_says_so(cleaned, name, clean_rows, rejected):
     run = cleaned(name)
@@ -444,7 +453,8 @@ def test_json_lines_reject_the_malformed_line_and_type_the_rest(cleaned):
 def test_every_row_is_accounted_for(cleaned, name):
     run = cleaned(name)
     report = run.quality["sources"][SOURCE]
-    assert report["rows_in"] == FIXTURES[name].rows_in
+    if FIXTURES[name].rows_in is not None:
+        assert report["rows_in"] == FIXTURES[name].rows_in
     assert report["rows_in"] == report["clean"] + report["rejected"]
     assert run.quality["reconciled"] is True
     assert run.quality == read_json(run.run_dir.quality)
