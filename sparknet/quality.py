@@ -31,13 +31,17 @@ def clean_column_types(config: Config) -> dict[str, str]:
 
 
 def column_profile(df: DataFrame, types: dict[str, str]) -> dict[str, dict[str, Any]]:
-    """Nulls for every column; distinct values for strings; min, max, mean and population
-    stddev for numbers; min and max for dates and timestamps. One pass over `df`."""
+    """Nulls for every column; distinct values and values holding a line break for
+    strings; min, max, mean and population stddev for numbers; min and max for dates
+    and timestamps. One pass over `df`."""
     aggs = [F.count(F.lit(1)).alias("__rows")]
     for c, tp in types.items():
         aggs.append(F.count(c).alias(f"{c}__n"))
         if tp == "string":
             aggs.append(F.count_distinct(c).alias(f"{c}__distinct"))
+            # A quoted value may span lines; many such values can also mean a stray quote
+            # that swallowed the following records.
+            aggs.append(F.count_if(F.col(c).contains("\n")).alias(f"{c}__line_breaks"))
         elif tp in NUMERIC_TYPES:
             aggs += [
                 F.min(c).alias(f"{c}__min"),
@@ -52,7 +56,7 @@ def column_profile(df: DataFrame, types: dict[str, str]) -> dict[str, dict[str, 
     profile = {}
     for c, tp in types.items():
         entry: dict[str, Any] = {"type": tp, "nulls": rows - row[f"{c}__n"]}
-        for stat in ("distinct", "min", "max", "mean", "stddev"):
+        for stat in ("distinct", "line_breaks", "min", "max", "mean", "stddev"):
             key = f"{c}__{stat}"
             if key in row:
                 value = row[key]

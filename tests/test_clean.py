@@ -230,3 +230,21 @@ def test_gzipped_and_globbed_sources_are_read(spark, tmp_path):
     data["sources"]["trips"]["path"] = str(run_dir.raw / "trips-*.csv.gz")
     quality = clean(spark, config_from_dict(data), run_dir)
     assert quality["sources"]["trips"]["rows_in"] == 14
+
+
+def test_quality_profiles_every_clean_column(cleaned):
+    _, quality = cleaned
+    columns = quality["columns"]
+    assert list(columns) == ["id", "city", "km", "late_min", "day", "city_pop", "late"]
+    assert columns["km"] == {
+        "type": "double",
+        "nulls": 0,
+        "min": 2.5,
+        "max": 10.5,
+        "mean": 5.0,
+        "stddev": pytest.approx(3.22102, abs=1e-5),
+    }
+    assert columns["city"] == {"type": "string", "nulls": 0, "distinct": 4, "line_breaks": 0}
+    assert columns["city_pop"]["nulls"] == 3 and columns["city_pop"]["min"] == 200
+    assert (columns["day"]["min"], columns["day"]["max"]) == ("2024-01-01", "2024-01-10")
+    assert quality["label"] == {"name": "late", "task": "binary", "positive_share": 0.5}
