@@ -6,6 +6,8 @@ Every input row ends in exactly one place: <run-dir>/clean (main source, joined)
 reconciles rows in = clean + rejected per source, and the job fails if it does not.
 
 Reason codes, first match wins:
+  unclosed_quote      a CSV quote never closed, so the lines after it were read as one
+                      record (the stage then refuses the source)
   wrong_field_count   a CSV line with more or fewer fields than the header
   malformed_record    the reader could not parse the record otherwise (bad quoting, bad JSON)
   invalid_encoding    a field holds bytes that are not valid in the file's encoding
@@ -23,6 +25,7 @@ Reason codes, first match wins:
 from __future__ import annotations
 
 import bz2
+import csv
 import glob
 import gzip
 import logging
@@ -30,13 +33,15 @@ import re
 import shutil
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from sparknet.config import ColumnConfig, Config, LabelConfig, SourceConfig
-from sparknet.errors import DataError, spark_error_summary
+from sparknet.errors import DataError, row_error_class, spark_error_summary
 from sparknet.quality import clean_column_types, column_profile, log_clean_quality
 from sparknet.run_dir import RunDir, write_json
 
@@ -72,7 +77,10 @@ def read_raw(spark: SparkSession, name: str, src: SourceConfig, path: str) -> Da
     Columns come out under their pipeline names."""
     _check_header(name, src, path)
     if src.format == "parquet":
+        _check_parquet_files(name, src, path)
         return _read_parquet(spark, name, src, path)
+    if src.format == "json":
+        _check_json_fields(spark, name, src, path)
     # CSV maps fields to the schema by position (the header was checked above), JSON by
     # field name; the schema uses the names in the file so that Spark agrees with both.
     schema = T.StructType(
@@ -121,6 +129,85 @@ def _read_parquet(spark: SparkSession, name: str, src: SourceConfig, path: str) 
     )
 
 
+def _spans_lines(classified: DataFrame, src: SourceConfig) -> bool:
+    """Whether any record of the source spans lines (a quoted line break)."""
+    spans = F.col("_raw_record").contains("\n")
+    for c, spec in src.columns.items():
+        if spec.type == "string":
+            spans = spans | F.coalesce(F.col(c).contains("\n"), F.lit(False))
+    return bool(classified.filter(spans).limit(1).count())
+
+
+def _check_quotes_close(name: str, src: SourceConfig, path: str) -> None:
+    """A quote that never closes takes every line after it into one value, which Spark
+    keeps as a clean row when it is the last field. Records spanning lines are rare, so
+    when there are some, every local file is parsed strictly once more."""
+    options = {k.lower(): v for k, v in src.options.items()}
+    sep, quote = _separator(options), options.get("quote", '"')
+    encoding = options.get("encoding", options.get("charset", "utf-8"))
+    if len(sep) != 1 or len(quote) != 1:
+        return
+    for file in local_input_files(path) or []:
+        opener = {".gz": gzip.open, ".bz2": bz2.open}.get(file.suffix, open)
+        with opener(file, "rt", newline="", encoding=encoding, errors="replace") as fh:
+            reader = csv.reader(fh, delimiter=sep, quotechar=quote, strict=True)
+            start = 1
+            try:
+                for _ in reader:
+                    start = reader.line_num + 1
+            except csv.Error as exc:
+                raise DataError(
+                    f"sources.{name}: {file}: the record starting at line {start} does not "
+                    f"parse ({exc}): a quote that is never closed takes every line after it "
+                    "into one value; fix the file's quoting"
+                ) from None
+
+
+def _check_parquet_files(name: str, src: SourceConfig, path: str) -> None:
+    """Spark takes one file's schema for a folder and reads a column missing from another
+    file as nulls: check every local file's footer."""
+    for file in local_input_files(path) or []:
+        try:
+            present = set(pq.read_schema(file).names)
+        except (OSError, pa.ArrowException) as exc:
+            raise DataError(
+                f"sources.{name}: {file} is not a readable Parquet file: {exc}"
+            ) from None
+        missing = [
+            m for m in (s.name_in_file(c) for c, s in src.columns.items()) if m not in present
+        ]
+        if missing:
+            raise DataError(
+                f"sources.{name}: {file} has no column(s) {missing}; it has {sorted(present)}"
+            )
+
+
+def _check_json_fields(spark: SparkSession, name: str, src: SourceConfig, path: str) -> None:
+    """Spark reads a field that no record has as nulls, so a misspelt or renamed field
+    would pass as missing values: every configured field must occur in every file."""
+    if {k.lower(): v for k, v in src.options.items()}.get("multiline", "false").lower() == "true":
+        return  # whole-file JSON documents are not one record per line
+    keys = (
+        spark.read.text(path)
+        .select(
+            F.input_file_name().alias("file"),
+            F.explode(F.json_object_keys("value")).alias("key"),
+        )
+        .groupBy("file")
+        .agg(F.collect_set("key").alias("keys"))
+        .collect()
+    )
+    expected = [spec.name_in_file(c) for c, spec in src.columns.items()]
+    for row in sorted(keys, key=lambda r: r["file"]):
+        missing = [k for k in expected if k not in set(row["keys"])]
+        if missing:
+            raise DataError(
+                f"sources.{name}: no record of {row['file']} has the field(s) {missing}; "
+                f"its records have {sorted(row['keys'])} (field names are case-sensitive; "
+                "raw_name maps a different spelling)"
+            )
+
+
 def local_input_files(path: str) -> list[Path] | None:
     """The files Spark will read for a local path, file or folder or glob (None for URLs).
     Like Spark, names starting with '_' or '.' are skipped."""
@@ -131,9 +218,26 @@ def local_input_files(path: str) -> list[Path] | None:
         candidates = [Path(p) for p in sorted(glob.glob(path))]
     elif Path(path).is_dir():
         candidates = sorted(Path(path).iterdir())
+        # Spark reads neither plain subfolders nor their files: say so rather than skip.
+        nested = [
+            p.name
+            for p in candidates
+            if p.is_dir() and not p.name.startswith(("_", ".")) and "=" not in p.name
+        ]
+        if nested:
+            raise DataError(
+                f"{path} holds the folder(s) {nested}, which Spark would not read; move their "
+                "files up, or point the source's path at a glob that names them"
+            )
     else:
         candidates = [Path(path)] if Path(path).exists() else []
     return [p for p in candidates if p.is_file() and not p.name.startswith(("_", "."))]
+
+
+def _separator(options: dict[str, str]) -> str:
+    sep = options.get("sep", options.get("delimiter", ","))
+    # Spark reads the two characters backslash-t as a tab, as YAML's '\t' gives them.
+    return "\t" if sep == "\\t" else sep
 
 
 def _first_line(file: Path, encoding: str) -> str:
@@ -145,6 +249,8 @@ def _first_line(file: Path, encoding: str) -> str:
             return fh.readline()
     except LookupError:
         raise DataError(f"{file}: unknown encoding '{encoding}' in the reader options") from None
+    except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError
+        raise DataError(f"{file}: cannot read its first line: {exc}") from None
 
 
 def _check_header(name: str, src: SourceConfig, path: str) -> None:
@@ -158,14 +264,20 @@ def _check_header(name: str, src: SourceConfig, path: str) -> None:
     options = {k.lower(): v for k, v in src.options.items()}
     if options.get("header", "false").lower() != "true":
         return
-    sep = options.get("sep", options.get("delimiter", ","))
+    sep = _separator(options)
     encoding = options.get("encoding", options.get("charset", "utf-8"))
     expected = [spec.name_in_file(col) for col, spec in src.columns.items()]
     for file in files:
         first = _first_line(file, encoding)
         if not first.strip():
             raise DataError(f"sources.{name}: {file} is empty; expected a header line")
-        header = [h.strip().strip('"') for h in first.rstrip("\r\n").split(sep)]
+        line = first.rstrip("\r\n")
+        if len(sep) == 1:
+            # A quoted name may hold the separator: `id,"Name, full"`.
+            header = next(csv.reader([line], delimiter=sep, quotechar=options.get("quote", '"')))
+            header = [h.strip() for h in header]
+        else:
+            header = [h.strip().strip('"') for h in line.split(sep)]
         if header == expected:
             continue
         missing = [c for c in expected if c not in header]
@@ -196,6 +308,7 @@ def classify(
     typed = {c: _parse(text[c], spec) for c, spec in src.columns.items()}
     reason_and_column: list[tuple[Column, str, str | None]] = []
     if src.format == "csv":
+        reason_and_column.append((_unclosed_quote(F.col(CORRUPT), src), "unclosed_quote", None))
         wrong_count = _field_count(F.col(CORRUPT), src) != len(raw_cols)
         reason_and_column.append(
             (F.col(CORRUPT).isNotNull() & wrong_count, "wrong_field_count", None)
@@ -248,8 +361,9 @@ def classify(
         missing = F.lit(False)
         for c in label.requires:
             missing = missing | F.col(c).isNull()
-        checks.append((missing | F.col(label.name).isNull(), "missing_label", None))
+        # A bad label value is nulled, so invalid_label is judged first.
         checks.append((F.col("_label_invalid"), "invalid_label", label.name))
+        checks.append((missing | F.col(label.name).isNull(), "missing_label", None))
     for c, spec in src.columns.items():
         if not spec.nullable:
             checks.append((F.col(c).isNull(), "missing_value", c))
@@ -273,21 +387,47 @@ def _present(raw: Column, null_values: list[str]) -> Column:
     return F.when(~missing, trimmed)
 
 
+# Spark's casts are lenient: Java's double parser takes `72F`, `5d` and `0x1p3`, and a
+# date cast takes `2024` or `2024-01-05 anything`. A value must first look like its type.
+_LOOKS_LIKE = {
+    "int": r"[+-]?\d+",
+    "long": r"[+-]?\d+",
+    "double": r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|(?i)[+-]?(nan|inf|infinity)",
+    "date": r"\d{4}-\d{1,2}-\d{1,2}",
+    "timestamp": r"\d{4}-\d{1,2}-\d{1,2}([T ]\d{1,2}:\d{2}(:\d{2}(\.\d{1,9})?)?)?"
+    r"(Z|[+-]\d{2}(:?\d{2})?)?",
+}
+_LOOKS_LIKE["float"] = _LOOKS_LIKE["double"]
+
+
 def _parse(text: Column, spec: ColumnConfig) -> Column:
     if spec.format and spec.type == "date":
         return F.try_to_timestamp(text, F.lit(spec.format)).cast("date")
     if spec.format:
         return F.try_to_timestamp(text, F.lit(spec.format))
-    return text.try_cast(SPARK_TYPES[spec.type])
+    value = text.try_cast(SPARK_TYPES[spec.type])
+    pattern = _LOOKS_LIKE.get(spec.type)
+    return F.when(text.rlike(f"^({pattern})$"), value) if pattern else value
 
 
 def _field_count(record: Column, src: SourceConfig) -> Column:
     """How many fields a CSV record has: separators outside quoted sections, plus one."""
     options = {k.lower(): v for k, v in src.options.items()}
-    sep = options.get("sep", options.get("delimiter", ","))
-    quote = re.escape(options.get("quote", '"'))
-    unquoted = F.regexp_replace(record, f"{quote}(?:[^{quote}]|{quote}{quote})*{quote}", "")
-    return F.size(F.split(unquoted, re.escape(sep), -1))
+    sep = _separator(options)
+    q = re.escape(options.get("quote", '"'))
+    # Unrolled (`"[^"]*(""[^"]*)*"`) rather than `"([^"]|"")*"`: the alternation recurses
+    # once per character in Java's regex engine and overflows the stack on long fields.
+    quoted = f"{q}[^{q}]*(?:{q}{q}[^{q}]*)*{q}"
+    return F.size(F.split(F.regexp_replace(record, quoted, ""), re.escape(sep), -1))
+
+
+def _unclosed_quote(record: Column, src: SourceConfig) -> Column:
+    """A record spanning lines with an odd number of quotes: a quote that never closes
+    makes the reader take every following line into this one record."""
+    options = {k.lower(): v for k, v in src.options.items()}
+    quote = options.get("quote", '"')
+    quotes = F.length(record) - F.length(F.replace(record, F.lit(quote), F.lit("")))
+    return record.contains("\n") & (quotes % 2 == 1)
 
 
 def _reject_repeats(out: DataFrame, columns: list[str], key: list[str]) -> DataFrame:
@@ -375,7 +515,17 @@ def clean(spark: SparkSession, config: Config, run_dir: RunDir) -> dict:
         ).persist(StorageLevel.MEMORY_AND_DISK)
         persisted.append(classified)
 
-        counts = reason_counts(classified)
+        try:
+            counts = reason_counts(classified)
+        except Exception as exc:
+            if not (is_main and row_error_class(exc)):
+                raise
+            raise DataError(
+                f"label.expr: '{config.label.expr}' failed on a row "
+                f"({spark_error_summary(exc)}); Spark's ANSI mode fails the job on one bad "
+                "row: use try_cast, try_divide and the like, which give null (the row is "
+                "then rejected as missing_label)"
+            ) from None
         rows_in = sum(counts.values())
         n_clean = counts.pop(None, 0)
         report = {
@@ -397,6 +547,16 @@ def clean(spark: SparkSession, config: Config, run_dir: RunDir) -> dict:
                 f"{r[REASON]}:{r[REASON_COLUMN]}": r["count"]
                 for r in sorted(by_column, key=lambda r: (r[REASON], r[REASON_COLUMN]))
             }
+        if src.format == "csv" and _spans_lines(classified, src):
+            _check_quotes_close(name, src, path)
+        if "unclosed_quote" in counts:
+            first = (
+                classified.filter(F.col(REASON) == "unclosed_quote")
+                .select(SOURCE_FILE, F.size(F.split("_raw_record", "\n")).alias("lines"))
+                .orderBy(F.desc("lines"))
+                .first()
+            )
+            report["unclosed_quote"] = {"file": first[SOURCE_FILE], "lines": first["lines"]}
         quality["sources"][name] = report
         log.info(
             "source %s: %d rows in, %d clean, %d rejected %s",
@@ -503,6 +663,13 @@ def _check_outcome(
     """Refuses a clean output that is empty, rejects too much or does not reconcile with
     what was written."""
     for name, report in quality["sources"].items():
+        if "unclosed_quote" in report:
+            where = report["unclosed_quote"]
+            raise DataError(
+                f"sources.{name}: {where['file']} has a quote that is never closed: "
+                f"{where['lines']} lines after it were read as one record (reason "
+                f"unclosed_quote in {run_dir.rejects}); fix the file's quoting"
+            )
         path, rows_in = report["path"], report["rows_in"]
         if rows_in == 0:
             raise DataError(f"sources.{name}: {path} has no data rows")

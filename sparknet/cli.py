@@ -70,6 +70,12 @@ def main(stages: Sequence[str], argv: Sequence[str] | None = None) -> int:
         for name in stages:
             set_stage(name)
             stage_started = time.perf_counter()
+            removed = run_dir.clear_from(name, list(STAGES))
+            if removed:
+                log.info(
+                    "removed earlier outputs of this and later stages: %s",
+                    ", ".join(p.name for p in removed),
+                )
             report = STAGES[name](spark, config, run_dir)
             rows = rows_of(name, report)
             log.info(

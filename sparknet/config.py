@@ -8,6 +8,7 @@ Nothing in sparknet knows about any particular dataset.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -328,10 +329,12 @@ def _check_features(c: Config, w: str) -> None:
             raise ConfigError(f"{where}: value is needed with strategy constant, and only then")
         if policy.value is not None and col in f.numeric:
             try:
-                float(policy.value)
+                if not math.isfinite(float(policy.value)):
+                    raise ValueError
             except ValueError:
                 raise ConfigError(
-                    f"{where}.value: '{policy.value}' is not a number for numeric feature {col}"
+                    f"{where}.value: '{policy.value}' is not a finite number for numeric "
+                    f"feature {col}"
                 ) from None
     for col, quantiles in f.clip.items():
         where = f"{w}: features.clip.{col}"
@@ -375,6 +378,9 @@ def _check(c: Config) -> None:
                 raise ConfigError(f"{where}.columns.{col}: min/max need a numeric type")
             if spec.values and spec.type != "string":
                 raise ConfigError(f"{where}.columns.{col}: values needs type string")
+            for bound in (spec.min, spec.max):
+                if bound is not None and not math.isfinite(bound):
+                    raise ConfigError(f"{where}.columns.{col}: min/max must be finite numbers")
             if spec.min is not None and spec.max is not None and spec.min > spec.max:
                 raise ConfigError(f"{where}.columns.{col}: min {spec.min} > max {spec.max}")
         for col in src.key:
@@ -384,8 +390,15 @@ def _check(c: Config) -> None:
         repeated = sorted({n for n in in_file if in_file.count(n) > 1})
         if repeated:
             raise ConfigError(f"{where}.columns: {repeated} read more than once")
+        # Spark resolves column names ignoring case.
+        lowered = [c.lower() for c in src.columns]
+        clash = sorted({c for c in src.columns if lowered.count(c.lower()) > 1})
+        if clash:
+            raise ConfigError(f"{where}.columns: {clash} differ only in case; Spark ignores case")
     main_cols = set(c.sources[c.main].columns)
     available = set(main_cols)
+    # The configured type of every column the features stage can see, by name.
+    types = {col: spec.type for col, spec in c.sources[c.main].columns.items()}
     for i, join in enumerate(c.joins):
         where = f"{w}: joins[{i}]"
         if join.source not in c.sources or join.source == c.main:
@@ -405,9 +418,10 @@ def _check(c: Config) -> None:
                     f"{where}.select: '{col}' is not a column of sources.{join.source}"
                 )
             _identifier(f"{where}.select.{col}", new)
-            if new in available:
+            if new.lower() in {a.lower() for a in available}:
                 raise ConfigError(f"{where}.select: '{new}' would overwrite an existing column")
             available.add(new)
+            types[new] = lookup.columns[col].type
     for col in c.label.requires:
         if col not in main_cols:
             raise ConfigError(f"{w}: label.requires: '{col}' is not a column of sources.{c.main}")
@@ -421,9 +435,19 @@ def _check(c: Config) -> None:
     elif c.label.classes:
         raise ConfigError(f"{w}: label.classes: only for task multiclass, not {c.label.task}")
     _identifier(f"{w}: label.name", c.label.name)
+    if c.label.name.lower() in {a.lower() for a in available}:
+        raise ConfigError(
+            f"{w}: label.name: '{c.label.name}' is already a column; name the label differently"
+        )
+    available.add(c.label.name)
     for name in c.features.derived:
         _identifier(f"{w}: features.derived", name)
-    available |= set(c.features.derived)
+        if name.lower() in {a.lower() for a in available}:
+            raise ConfigError(
+                f"{w}: features.derived.{name}: would replace the column or label '{name}'; "
+                "give the derived column a new name"
+            )
+        available.add(name)
     for listed in ("numeric", "categorical"):
         for col in getattr(c.features, listed):
             if col not in available:
@@ -431,6 +455,19 @@ def _check(c: Config) -> None:
                     f"{w}: features.{listed}: '{col}' is neither a cleaned, joined "
                     "nor derived column"
                 )
+    for listed in ("numeric", "categorical"):
+        names = getattr(c.features, listed)
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ConfigError(f"{w}: features.{listed}: {repeated} listed more than once")
+    for col in c.features.numeric:
+        if types.get(col) in ("string", "date", "timestamp"):
+            raise ConfigError(
+                f"{w}: features.numeric: '{col}' is a {types[col]} column; list it under "
+                "categorical, or derive a number from it in features.derived"
+            )
+    if c.label.name in c.features.numeric + c.features.categorical:
+        raise ConfigError(f"{w}: features: '{c.label.name}' is the label, not a feature")
     both = sorted(set(c.features.numeric) & set(c.features.categorical))
     if both:
         raise ConfigError(
@@ -439,6 +476,8 @@ def _check(c: Config) -> None:
     if not c.features.numeric and not c.features.categorical:
         raise ConfigError(f"{w}: features: list at least one numeric or categorical column")
     _check_features(c, w)
+    if not c.split.key:
+        raise ConfigError(f"{w}: split.key: list the columns that identify a row")
     for col in c.split.key:
         if col not in main_cols:
             raise ConfigError(f"{w}: split.key: '{col}' is not a column of sources.{c.main}")

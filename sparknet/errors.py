@@ -23,6 +23,16 @@ def spark_error_summary(exc: BaseException, lines: int = 2) -> str:
     return " ".join(kept) or type(exc).__name__
 
 
+# Spark's ANSI mode (on by default since 4.0) fails the whole job on these, on one row.
+ROW_ERRORS = ("DIVIDE_BY_ZERO", "CAST_INVALID_INPUT", "ARITHMETIC_OVERFLOW", "CAST_OVERFLOW")
+
+
+def row_error_class(exc: BaseException) -> str | None:
+    """The ANSI row-level error class of a Spark failure, if it is one."""
+    text = str(exc)
+    return next((c for c in ROW_ERRORS if f"[{c}]" in text), None)
+
+
 class SparknetError(Exception):
     """Base of every error sparknet raises on purpose."""
 

@@ -181,6 +181,7 @@ def regression_metrics(y: np.ndarray, predicted: np.ndarray, train_mean: float) 
 
 def evaluate(spark: SparkSession, config: Config, run_dir: RunDir) -> dict:
     run_dir.require(run_dir.model / "model.pt", "train")
+    run_dir.require(run_dir.train_report, "train")  # written last: training finished
     spec, state = load_model_files(run_dir.model)
     if spec.task != config.label.task or spec.classes != list(config.label.classes):
         raise RunDirError(

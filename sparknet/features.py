@@ -28,7 +28,7 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from sparknet.config import Config, FeaturesConfig, SplitConfig
-from sparknet.errors import DataError, spark_error_summary
+from sparknet.errors import DataError, RunDirError, row_error_class, spark_error_summary
 from sparknet.feature_rules import (
     READY,
     ColumnRule,
@@ -40,7 +40,7 @@ from sparknet.feature_rules import (
     uninformative,
 )
 from sparknet.quality import features_quality, log_features_quality, update_quality
-from sparknet.run_dir import RunDir, write_json
+from sparknet.run_dir import RunDir, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +134,12 @@ def choose_k(explained_variance_ratio: np.ndarray, target: float) -> int:
 
 def prepared_table(spark: SparkSession, config: Config, run_dir: RunDir) -> DataFrame:
     """The cleaned table with derived columns, numeric features as double, and the split."""
+    # quality.json says reconciled only once clean has finished and checked its output.
+    if not read_json(run_dir.require(run_dir.quality, "clean")).get("reconciled"):
+        raise RunDirError(
+            f"{run_dir.quality} does not record a finished clean stage: rerun clean "
+            f"(jobs/clean.py --config CONFIG --run-dir {run_dir.root})"
+        )
     clean = spark.read.parquet(str(run_dir.require(run_dir.clean, "clean")))
     df = with_derived(clean, config).withColumn(SPLIT, split_column(config.split))
     # A column may be both a key and a feature (flights: month); select it once.
@@ -148,7 +154,17 @@ def prepared_table(spark: SparkSession, config: Config, run_dir: RunDir) -> Data
 def fit_and_project(spark: SparkSession, config: Config, run_dir: RunDir) -> dict:
     df = prepared_table(spark, config, run_dir).persist(StorageLevel.MEMORY_AND_DISK)
     train = df.filter(F.col(SPLIT) == "train")
-    n_train = train.count()
+    try:
+        n_train = train.count()  # computes every derived column of every row, once
+    except Exception as exc:
+        if row_error_class(exc) is None:
+            raise
+        raise DataError(
+            f"features.derived: an expression failed on a row ({spark_error_summary(exc)}); "
+            "Spark's ANSI mode fails the job on one bad row: write try_divide(a, b), "
+            f"try_cast(x AS type) and the like in {sorted(config.features.derived)}, "
+            "which give null (then imputed) instead"
+        ) from None
     if n_train < 2:
         raise DataError(
             f"features: the train split of {run_dir.clean} has {n_train} rows; PCA needs at "

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,34 @@ class RunDir:
     @property
     def metrics(self) -> Path:
         return self.root / "metrics.json"
+
+    def outputs(self, stage: str) -> list[Path]:
+        """What `stage` writes (ingest's raw/ is left out: users may place raw files there
+        themselves)."""
+        return {
+            "ingest": [],
+            "clean": [self.clean, self.rejects, self.quality],
+            "features": [self.features, self.feature_pipeline, self.pca],
+            "shard": [self.shards, self.shards_manifest],
+            "train": [self.model, self.train_report],
+            "evaluate": [self.metrics],
+        }[stage]
+
+    def clear_from(self, stage: str, order: list[str]) -> list[Path]:
+        """Removes the outputs of `stage` and of every stage after it in `order`, so that
+        a stage that fails or is killed half way can never leave earlier results for the
+        next stage to read as its own. Returns what was removed."""
+        removed = []
+        for later in order[order.index(stage) :]:
+            for path in self.outputs(later):
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
+                else:
+                    continue
+                removed.append(path)
+        return removed
 
     def require(self, path: Path, stage: str) -> Path:
         """Fails with the stage to run first when an input is missing."""

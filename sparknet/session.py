@@ -64,6 +64,13 @@ def spark_session(config: Config, master: str | None = None) -> SparkSession:
         # hides the interrupt. Raise it plainly; spark.stop() then cancels the jobs.
         signal.signal(signal.SIGINT, signal.default_int_handler)
     spark.sparkContext.setLogLevel("WARN")
+    # A failed task is reported once, by sparknet, as its error class and message; Spark
+    # would also log the task's whole JVM stack twice (executor and scheduler).
+    jvm = spark.sparkContext._jvm
+    configurator = jvm.org.apache.logging.log4j.core.config.Configurator
+    level = jvm.org.apache.logging.log4j.Level
+    configurator.setLevel("org.apache.spark.executor.Executor", level.FATAL)
+    configurator.setLevel("org.apache.spark.scheduler.TaskSetManager", level.ERROR)
     log.info(
         "spark %s, master %s, default parallelism %d",
         spark.version,

@@ -133,6 +133,7 @@ def describe_split(out: Path, expected_rows: int) -> dict:
 
 
 def shard(spark: SparkSession, config: Config, run_dir: RunDir) -> dict:
+    run_dir.require(run_dir.pca, "features")  # written last: the features stage finished
     features = spark.read.parquet(str(run_dir.require(run_dir.features, "features")))
     k = len(features.select(FEATURES).first()[FEATURES])
     label = F.col(config.label.name).alias(LABEL)

@@ -129,7 +129,15 @@ def synthetic_clean(spark, path, n=3_000, seed=0):
         rows, "id long, x1 double, x2 double, x3 double, x4 double, cat string, y double"
     )
     df.write.mode("overwrite").parquet(str(path))
+    mark_clean_finished(path)
     return df
+
+
+def mark_clean_finished(clean_path) -> None:
+    """The features stage reads a clean/ only next to a quality.json that says the clean
+    stage finished; a hand-made clean table gets a minimal one."""
+    quality = Path(clean_path).parent / "quality.json"
+    quality.write_text('{"reconciled": true}\n')
 
 
 def synthetic_config(variance=0.95, train=None, shard=None, label=None):

@@ -144,6 +144,15 @@ TABLE = [
         clean=[{"text": "twice", "amount": 3.5}],
         rejected=[("duplicate_row", None)],
     ),
+    # Java's double parser would take these; a number must look like one.
+    Case("float suffix", ["17,a,72F,11/16/07,1,,7"], rejected=[("unparseable_value", "amount")]),
+    Case("hex float", ["18,a,0x1p3,11/16/07,1,,7"], rejected=[("unparseable_value", "amount")]),
+    Case("binary label 2", ["19,a,1.5,11/16/07,2,,7"], rejected=[("invalid_label", "y")]),
+    Case(
+        "long malformed quoted field",
+        ['20,"' + "x" * 20_000 + '",1.5,11/16/07,1,,7,extra'],
+        rejected=[WRONG_COUNT],
+    ),
     Case(
         "ISO date under MM/dd/yy",
         ["16,a,1.5,2007-11-16,1,,7"],
@@ -242,6 +251,31 @@ REFUSED = {
         ),
         r"sources\.rows: 25\.0% of the 4 rows of {path} were rejected .*"
         r"sources\.rows\.max_reject_share=0\.2",
+    ),
+    "unclosed_quote": (
+        Fixture(
+            raw="id,amount\n"
+            + "".join(f"{i},{i}.5\n" for i in range(1, 50))
+            + '50,"oops\n'
+            + "".join(f"{i},{i}.5\n" for i in range(51, 80)),
+            columns={"id": "int", "amount": "string"},
+        ),
+        r"sources\.rows: {path}: the record starting at line 51 does not parse",
+    ),
+    "json_field_missing": (
+        Fixture(
+            raw='{"id": 1, "wieght": 2.5}\n{"id": 2, "wieght": 3.5}\n',
+            columns={"id": "int", "weight": "double"},
+            source={"format": "json", "options": {}},
+            file="rows.jsonl",
+        ),
+        r"sources\.rows: no record of file://{path} has the field\(s\) \['weight'\]",
+    ),
+    "gzip_that_is_not": (
+        Fixture(
+            raw="id,amount\n1,2\n", columns={"id": "int", "amount": "double"}, file="rows.csv.gz"
+        ),
+        r"{path}: cannot read its first line: Not a gzipped file",
     ),
     "parquet_missing_column": (
         Fixture(
@@ -486,3 +520,21 @@ def test_a_refused_source_still_writes_quality_and_rejects(cleaned, name, n_reje
     assert run.run_dir.quality.exists(), f"no {run.run_dir.quality} after: {run.error}"
     assert read_json(run.run_dir.quality)["sources"][SOURCE]["rejected"] == n_rejected
     assert len(run.rejects) == n_rejected
+
+
+def test_a_parquet_folder_is_checked_file_by_file(spark, tmp_path):
+    """Spark takes one file's schema for the folder and would read the other's missing
+    column as nulls."""
+    run_dir = RunDir.at(tmp_path)
+    folder = run_dir.raw / "rows"
+    folder.mkdir(parents=True)
+    pq.write_table(pa.table({"id": [1, 2], "amount": [1.0, 2.0]}), folder / "a.parquet")
+    pq.write_table(pa.table({"id": [3, 4]}), folder / "b.parquet")
+    fx = Fixture(
+        raw={},
+        columns={"id": "long", "amount": "double"},
+        source={"format": "parquet", "options": {}},
+        file="rows",
+    )
+    with pytest.raises(DataError, match=r"b\.parquet has no column\(s\) \['amount'\]"):
+        clean(spark, config_of(fx), run_dir)

@@ -46,6 +46,47 @@ def test_leaking_columns_are_not_features():
             lambda d: d["features"]["categorical"].append("month"),
             "['month'] listed as both numeric and categorical",
         ),
+        (
+            lambda d: d["features"]["derived"].update(late="1 - late"),
+            "features.derived.late: would replace the column or label 'late'",
+        ),
+        (
+            lambda d: d["features"]["derived"].update(distance="distance * 2"),
+            "features.derived.distance: would replace",
+        ),
+        (
+            lambda d: d["label"].update(name="carrier"),
+            "label.name: 'carrier' is already a column",
+        ),
+        (
+            lambda d: d["features"]["numeric"].append("distance"),
+            "features.numeric: ['distance'] listed more than once",
+        ),
+        (
+            lambda d: d["features"]["numeric"].append("tailnum"),
+            "features.numeric: 'tailnum' is a string column",
+        ),
+        (
+            lambda d: d["sources"]["flights"]["columns"].update(Dest={"type": "string"}),
+            "['Dest', 'dest'] differ only in case",
+        ),
+        (lambda d: d["split"].update(key=[]), "split.key: list the columns"),
+        (
+            lambda d: d["sources"]["flights"]["columns"].update(
+                distance={"type": "double", "min": float("nan")}
+            ),
+            "sources.flights.columns.distance: min/max must be finite",
+        ),
+        (
+            lambda d: d["features"].update(
+                impute_columns={"temp": {"strategy": "constant", "value": "inf"}}
+            ),
+            "features.impute_columns.temp.value: 'inf' is not a finite number",
+        ),
+        (
+            lambda d: d["sources"]["flights"]["options"].update(multiLine="false"),
+            "sources.flights.options.multiLine: false is refused",
+        ),
     ],
 )
 def test_bad_config_names_the_key(edit, message):

@@ -7,8 +7,9 @@ import pytest
 from pyspark.ml import PipelineModel
 from pyspark.sql import functions as F
 
-from conftest import synthetic_clean, synthetic_config
+from conftest import mark_clean_finished, synthetic_clean, synthetic_config
 from sparknet.config import ColumnConfig, ImputeConfig, SplitConfig
+from sparknet.errors import DataError, RunDirError
 from sparknet.features import choose_k, fit_and_project, split_column
 from sparknet.run_dir import RunDir, read_json
 
@@ -99,6 +100,7 @@ def test_all_null_and_constant_columns_are_dropped_with_the_reason(spark, tmp_pa
     base.withColumn("x_null", F.lit(None).cast("double")).withColumn(
         "x_const", F.lit(3.0)
     ).write.parquet(str(run_dir.clean))
+    mark_clean_finished(run_dir.clean)
     config = synthetic_config()
     data_features = {
         "numeric": ["x1", "x2", "x3", "x4", "x_null", "x_const"],
@@ -222,3 +224,42 @@ def test_fill_strategies_and_clipping_are_fitted_on_train(spark, tmp_path):
     assert [r["x1__ready"] for r in ready] == [high, low]
     assert [r["x4__ready"] for r in ready] == [-1.0, 2.0]
     assert [r["cat__ready"] for r in ready] == ["missing", "b"]
+
+
+def test_features_refuse_a_clean_stage_that_did_not_finish(spark, tmp_path):
+    run_dir = RunDir.at(tmp_path)
+    synthetic_clean(spark, run_dir.clean)
+    # Killed after writing clean/ but before reconciling it: quality.json says nothing.
+    run_dir.quality.write_text("{}\n")
+    with pytest.raises(RunDirError, match="does not record a finished clean stage"):
+        fit_and_project(spark, synthetic_config(), run_dir)
+
+
+def test_a_stage_clears_its_own_and_later_outputs_first(tmp_path):
+    run_dir = RunDir.at(tmp_path)
+    order = ["ingest", "clean", "features", "shard", "train", "evaluate"]
+    for path in (run_dir.clean, run_dir.features, run_dir.model):
+        path.mkdir(parents=True)
+    for path in (run_dir.quality, run_dir.pca, run_dir.metrics):
+        path.write_text("{}")
+    run_dir.raw.mkdir()
+    removed = run_dir.clear_from("features", order)
+    assert sorted(p.name for p in removed) == ["features", "metrics.json", "model", "pca.json"]
+    assert run_dir.clean.exists() and run_dir.quality.exists()
+    run_dir.clear_from("ingest", order)
+    assert run_dir.raw.exists() and not run_dir.clean.exists()
+
+
+def test_a_derived_expression_failing_on_a_row_names_the_key(spark, tmp_path):
+    run_dir = RunDir.at(tmp_path)
+    synthetic_clean(spark, run_dir.clean)
+    config = synthetic_config()
+    derived = {"ratio": "x1 / (id - id)"}  # ANSI: DIVIDE_BY_ZERO on every row
+    config = dataclasses.replace(
+        config,
+        features=dataclasses.replace(
+            config.features, numeric=[*config.features.numeric, "ratio"], derived=derived
+        ),
+    )
+    with pytest.raises(DataError, match=r"features.derived: .*DIVIDE_BY_ZERO.*try_divide"):
+        fit_and_project(spark, config, run_dir)
