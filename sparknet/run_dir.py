@@ -9,6 +9,7 @@ run alone given the folder the previous stages wrote.
       features/            features: rows with split and PCA vector (Parquet)
       feature_pipeline/    features: the fitted Spark ML PipelineModel
       pca.json             features: k and explained variance
+      pca_scree.png        features: scree plot (per-component and cumulative variance, k)
       shards/{train,validation,test}/   shard: Petastorm-readable Parquet
       shards.json          shard: rows and row groups per split
       model/               train: model.pt (state_dict) + model.json (architecture)
@@ -64,6 +65,10 @@ class RunDir:
     @property
     def pca(self) -> Path:
         return self.root / "pca.json"
+
+    @property
+    def pca_scree(self) -> Path:
+        return self.root / "pca_scree.png"
 
     @property
     def shards(self) -> Path:
