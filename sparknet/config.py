@@ -130,9 +130,33 @@ class FeaturesConfig:
         return ImputeConfig("category" if column in self.categorical else self.impute)
 
 
+DEFAULT_VARIANCE = 0.95
+
+
 @dataclass(frozen=True)
 class PcaConfig:
-    variance: float = 0.95  # keep the fewest components reaching this share of variance
+    """How many components to keep: `variance` (the fewest components reaching this share
+    of the variance) or `k` (a fixed number), not both; neither means variance 0.95."""
+
+    variance: float | None = None
+    k: int | None = None
+    # More input columns than this (after one-hot encoding): randomized PCA, whose driver
+    # memory grows with columns × components instead of columns².
+    wide_threshold: int = 2048
+    # Randomized PCA only: extra multiplications by the covariance (each a pass over the
+    # rows), extra columns computed beyond those wanted, the most components computed for
+    # a variance target, and the seed of the random start.
+    power_iterations: int = 4
+    oversampling: int = 10
+    max_components: int = 256
+    seed: int = 13
+
+    @property
+    def target(self) -> float | None:
+        """The share of variance to keep; None when k is fixed."""
+        if self.k is not None:
+            return None
+        return DEFAULT_VARIANCE if self.variance is None else self.variance
 
 
 @dataclass(frozen=True)
@@ -347,6 +371,24 @@ def _check_features(c: Config, w: str) -> None:
             )
 
 
+def _check_pca(c: Config, w: str) -> None:
+    p = c.pca
+    if p.variance is not None and p.k is not None:
+        raise ConfigError(
+            f"{w}: pca: give variance (a share of variance to keep, {p.variance}) or k (a "
+            f"fixed number of components, {p.k}), not both"
+        )
+    if p.variance is not None and not 0 < p.variance <= 1:
+        raise ConfigError(f"{w}: pca.variance: must be in (0, 1], got {p.variance}")
+    for key in ("k", "wide_threshold", "max_components"):
+        value = getattr(p, key)
+        if value is not None:
+            _positive(f"{w}: pca.{key}", value)
+    for key in ("power_iterations", "oversampling"):
+        if getattr(p, key) < 0:
+            raise ConfigError(f"{w}: pca.{key}: must be >= 0, got {getattr(p, key)}")
+
+
 def _check(c: Config) -> None:
     """Cross-field rules that types alone cannot express."""
     w = c.path
@@ -481,8 +523,7 @@ def _check(c: Config) -> None:
     for col in c.split.key:
         if col not in main_cols:
             raise ConfigError(f"{w}: split.key: '{col}' is not a column of sources.{c.main}")
-    if not 0 < c.pca.variance <= 1:
-        raise ConfigError(f"{w}: pca.variance: must be in (0, 1], got {c.pca.variance}")
+    _check_pca(c, w)
     if not (
         0 <= c.split.validation < 1
         and 0 < c.split.test < 1

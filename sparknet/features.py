@@ -5,8 +5,8 @@ fitted on the train split only and saved as one Spark ML PipelineModel, so scori
 applies exactly the rules training saw.
 
 Shapes: numeric and categorical columns -> `assembled` (dense after scaling, n_features)
--> `scaled` (centred, unit variance) -> `pca` (k components, the fewest that keep
-`pca.variance` of the variance).
+-> `scaled` (centred, unit variance) -> `pca` (k components: the fewest that keep
+`pca.variance` of the variance, or a fixed `pca.k`; fitted by sparknet.pca).
 """
 
 from __future__ import annotations
@@ -14,16 +14,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-import numpy as np
 from pyspark import StorageLevel
 from pyspark.ml import Pipeline, PipelineModel
 from pyspark.ml.feature import (
-    PCA,
     OneHotEncoder,
     StandardScaler,
     StringIndexer,
     VectorAssembler,
 )
+from pyspark.ml.functions import vector_to_array
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
@@ -39,6 +38,7 @@ from sparknet.feature_rules import (
     rules_stage,
     uninformative,
 )
+from sparknet.pca import fit_pca, projection_stage, write_scree_plot
 from sparknet.quality import features_quality, log_features_quality, update_quality
 from sparknet.run_dir import RunDir, read_json, write_json
 
@@ -117,19 +117,12 @@ def preprocessing(feats: FeaturesConfig, rules: list[ColumnRule]) -> Pipeline:
             inputCols=numeric_out + onehot_out, outputCol="assembled", handleInvalid="error"
         )
     )
-    # Centring makes the vectors dense, which keeps Spark's PCA on its accurate
-    # covariance path (it switches formulas for sparse, mostly-zero rows).
+    # Centred on the train split's means here, because the saved PCA stage (Spark's
+    # PCAModel) projects without centring.
     stages.append(
         StandardScaler(inputCol="assembled", outputCol="scaled", withMean=True, withStd=True)
     )
     return Pipeline(stages=stages)
-
-
-def choose_k(explained_variance_ratio: np.ndarray, target: float) -> int:
-    """The fewest leading components whose explained variance reaches `target`."""
-    cumulative = np.cumsum(explained_variance_ratio)
-    reached = np.nonzero(cumulative >= target - 1e-12)[0]
-    return int(reached[0]) + 1 if reached.size else len(explained_variance_ratio)
 
 
 def prepared_table(spark: SparkSession, config: Config, run_dir: RunDir) -> DataFrame:
@@ -180,23 +173,17 @@ def fit_and_project(spark: SparkSession, config: Config, run_dir: RunDir) -> dic
     rules = fit_rules(train, kept)
     prep = preprocessing(kept, rules).fit(train)
     transformed = prep.transform(train)
-    scaled_train = transformed.select("scaled").persist(StorageLevel.MEMORY_AND_DISK)
+    # PCA reads these rows several times: cached as dense float64 arrays, the stages
+    # above run once, and first() below caches the first partition rather than wasting it.
+    scaled_train = transformed.select(vector_to_array("scaled").alias("scaled")).persist(
+        StorageLevel.MEMORY_AND_DISK
+    )
     n_features = len(scaled_train.first()["scaled"])
     names = feature_names(transformed, n_features)
-
-    # Fit all components once to see the spectrum, then keep the fewest that reach
-    # the target share.
-    full = PCA(k=n_features, inputCol="scaled", outputCol=FEATURES).fit(scaled_train)
-    ratios = np.asarray(full.explainedVariance.toArray())
-    k = choose_k(ratios, config.pca.variance)
-    pca = (
-        full
-        if k == n_features
-        else (PCA(k=k, inputCol="scaled", outputCol=FEATURES).fit(scaled_train))
-    )
+    fit = fit_pca(scaled_train, n_features, config.pca, names)
     scaled_train.unpersist()
 
-    model = PipelineModel(stages=[*prep.stages, pca])
+    model = PipelineModel(stages=[*prep.stages, projection_stage(fit, "scaled", FEATURES)])
     model.write().overwrite().save(str(run_dir.feature_pipeline))
 
     projected = model.transform(df).select(*config.split.key, config.label.name, SPLIT, FEATURES)
@@ -208,27 +195,22 @@ def fit_and_project(spark: SparkSession, config: Config, run_dir: RunDir) -> dic
     log_features_quality(feature_quality)
     update_quality(run_dir, "features", feature_quality)
 
+    write_scree_plot(run_dir.pca_scree, fit)
     report = {
-        "k": k,
-        "variance_target": config.pca.variance,
-        "variance_kept": float(np.sum(ratios[:k])),
-        "n_features_in": n_features,
-        "feature_names": names,
-        "explained_variance_ratio": [float(r) for r in ratios[:k]],
-        "cumulative_explained_variance": [float(c) for c in np.cumsum(ratios[:k])],
-        "explained_variance_ratio_all": [float(r) for r in ratios],
+        **fit.report(),
         "fitted_on": {"split": "train", "rows": n_train},
         "dropped_features": dropped,
         "rows_by_split": split_counts,
+        "scree_plot": run_dir.pca_scree.name,
     }
     write_json(run_dir.pca, report)
     log.info(
-        "PCA: %d input features -> k=%d components keeping %.4f of the variance (target %.2f); "
+        "PCA: %d input features -> k=%d components keeping %.4f of the variance (%s); "
         "fitted on %d train rows; rows by split %s",
         n_features,
-        k,
-        report["variance_kept"],
-        config.pca.variance,
+        fit.k,
+        fit.variance_kept,
+        f"target {fit.variance_target}" if fit.k_from == "variance" else "pca.k fixed",
         n_train,
         split_counts,
     )

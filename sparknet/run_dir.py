@@ -9,6 +9,7 @@ run alone given the folder the previous stages wrote.
       features/            features: rows with split and PCA vector (Parquet)
       feature_pipeline/    features: the fitted Spark ML PipelineModel
       pca.json             features: k and explained variance
+      pca_scree.png        features: scree plot (per-component and cumulative variance, k)
       shards/{train,validation,test}/   shard: Petastorm-readable Parquet
       shards.json          shard: rows and row groups per split
       model/               train: model.pt (state_dict) + model.json (architecture)
@@ -67,6 +68,10 @@ class RunDir:
         return self.root / "pca.json"
 
     @property
+    def pca_scree(self) -> Path:
+        return self.root / "pca_scree.png"
+
+    @property
     def shards(self) -> Path:
         return self.root / "shards"
 
@@ -95,7 +100,7 @@ class RunDir:
         return {
             "ingest": [],
             "clean": [self.clean, self.rejects, self.quality],
-            "features": [self.features, self.feature_pipeline, self.pca],
+            "features": [self.features, self.feature_pipeline, self.pca, self.pca_scree],
             "shard": [self.shards, self.shards_manifest],
             "train": [self.model, self.train_report],
             "evaluate": [self.metrics],

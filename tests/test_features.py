@@ -10,7 +10,8 @@ from pyspark.sql import functions as F
 from conftest import mark_clean_finished, synthetic_clean, synthetic_config
 from sparknet.config import ColumnConfig, ImputeConfig, SplitConfig
 from sparknet.errors import DataError, RunDirError
-from sparknet.features import choose_k, fit_and_project, split_column
+from sparknet.features import fit_and_project, split_column
+from sparknet.pca import choose_k
 from sparknet.run_dir import RunDir, read_json
 
 
