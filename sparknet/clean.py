@@ -79,8 +79,6 @@ def read_raw(spark: SparkSession, name: str, src: SourceConfig, path: str) -> Da
     if src.format == "parquet":
         _check_parquet_files(name, src, path)
         return _read_parquet(spark, name, src, path)
-    if src.format == "json":
-        _check_json_fields(spark, name, src, path)
     # CSV maps fields to the schema by position (the header was checked above), JSON by
     # field name; the schema uses the names in the file so that Spark agrees with both.
     schema = T.StructType(
@@ -182,30 +180,47 @@ def _check_parquet_files(name: str, src: SourceConfig, path: str) -> None:
             )
 
 
-def _check_json_fields(spark: SparkSession, name: str, src: SourceConfig, path: str) -> None:
+def _check_json_fields(
+    spark: SparkSession, name: str, src: SourceConfig, path: str
+) -> dict[str, int]:
     """Spark reads a field that no record has as nulls, so a misspelt or renamed field
-    would pass as missing values: every configured field must occur in every file."""
+    would pass as missing values: every configured field must occur in every file.
+    Returns the fields that are not configured, with how many records hold them: their
+    values are not read, so they are reported (a misspelling in a few records shows here)."""
     if {k.lower(): v for k, v in src.options.items()}.get("multiline", "false").lower() == "true":
-        return  # whole-file JSON documents are not one record per line
-    keys = (
+        return {}  # whole-file JSON documents are not one record per line
+    counts = (
         spark.read.text(path)
         .select(
             F.input_file_name().alias("file"),
             F.explode(F.json_object_keys("value")).alias("key"),
         )
-        .groupBy("file")
-        .agg(F.collect_set("key").alias("keys"))
+        .groupBy("file", "key")
+        .count()
         .collect()
     )
+    keys: dict[str, set[str]] = {}
+    unconfigured: dict[str, int] = {}
     expected = [spec.name_in_file(c) for c, spec in src.columns.items()]
-    for row in sorted(keys, key=lambda r: r["file"]):
-        missing = [k for k in expected if k not in set(row["keys"])]
+    for row in counts:
+        keys.setdefault(row["file"], set()).add(row["key"])
+        if row["key"] not in expected:
+            unconfigured[row["key"]] = unconfigured.get(row["key"], 0) + row["count"]
+    if unconfigured:
+        log.warning(
+            "sources.%s: fields not in the config, not read (records holding each): %s",
+            name,
+            dict(sorted(unconfigured.items())),
+        )
+    for file, found in sorted(keys.items()):
+        missing = [k for k in expected if k not in found]
         if missing:
             raise DataError(
-                f"sources.{name}: no record of {row['file']} has the field(s) {missing}; "
-                f"its records have {sorted(row['keys'])} (field names are case-sensitive; "
+                f"sources.{name}: no record of {file} has the field(s) {missing}; "
+                f"its records have {sorted(found)} (field names are case-sensitive; "
                 "raw_name maps a different spelling)"
             )
+    return dict(sorted(unconfigured.items()))
 
 
 def local_input_files(path: str) -> list[Path] | None:
@@ -368,12 +383,17 @@ def classify(
         if not spec.nullable:
             checks.append((F.col(c).isNull(), "missing_value", c))
 
-    reason = F.lit(None).cast("string")
-    column = F.lit(None).cast("string")
-    for cond, code, col in reversed(checks):
-        reason = F.when(cond, F.lit(code)).otherwise(reason)
-        column = F.when(cond, F.lit(col)).otherwise(column)
-    out = out.withColumn(REASON, reason).withColumn(REASON_COLUMN, column)
+    # The first failed check, as one flat coalesce: a when/otherwise chain nests one level
+    # per check, and a few thousand columns overflow the JVM's stack analysing it.
+    first_failed = F.coalesce(
+        *[
+            F.when(cond, F.struct(F.lit(code).alias("r"), F.lit(col).cast("string").alias("c")))
+            for cond, code, col in checks
+        ]
+    )
+    out = out.withColumn("_failed", first_failed)
+    out = out.withColumn(REASON, F.col("_failed.r")).withColumn(REASON_COLUMN, F.col("_failed.c"))
+    out = out.drop("_failed")
     out = _reject_repeats(out, raw_cols, list(src.key))
     return out.drop("_label_invalid", *[f"_bad_{i}" for i in range(len(reason_and_column))])
 
@@ -393,8 +413,8 @@ _LOOKS_LIKE = {
     "int": r"[+-]?\d+",
     "long": r"[+-]?\d+",
     "double": r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|(?i)[+-]?(nan|inf|infinity)",
-    "date": r"\d{4}-\d{1,2}-\d{1,2}",
-    "timestamp": r"\d{4}-\d{1,2}-\d{1,2}([T ]\d{1,2}:\d{2}(:\d{2}(\.\d{1,9})?)?)?"
+    "date": r"\d{4}-\d{2}-\d{2}",
+    "timestamp": r"\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?)?"
     r"(Z|[+-]\d{2}(:?\d{2})?)?",
 }
 _LOOKS_LIKE["float"] = _LOOKS_LIKE["double"]
@@ -506,7 +526,8 @@ def clean(spark: SparkSession, config: Config, run_dir: RunDir) -> dict:
 
     for name, src in config.sources.items():
         path = source_path(src, run_dir)
-        raw = read_raw(spark, name, src, path)
+        raw = read_raw(spark, name, src, path)  # checks that the input exists first
+        unconfigured = _check_json_fields(spark, name, src, path) if src.format == "json" else {}
         is_main = name == config.main
         classified = classify(
             raw,
@@ -547,6 +568,8 @@ def clean(spark: SparkSession, config: Config, run_dir: RunDir) -> dict:
                 f"{r[REASON]}:{r[REASON_COLUMN]}": r["count"]
                 for r in sorted(by_column, key=lambda r: (r[REASON], r[REASON_COLUMN]))
             }
+        if unconfigured:
+            report["unconfigured_fields"] = unconfigured
         if src.format == "csv" and _spans_lines(classified, src):
             _check_quotes_close(name, src, path)
         if "unclosed_quote" in counts:

@@ -70,7 +70,7 @@ def spark_session(config: Config, master: str | None = None) -> SparkSession:
     configurator = jvm.org.apache.logging.log4j.core.config.Configurator
     level = jvm.org.apache.logging.log4j.Level
     configurator.setLevel("org.apache.spark.executor.Executor", level.FATAL)
-    configurator.setLevel("org.apache.spark.scheduler.TaskSetManager", level.ERROR)
+    configurator.setLevel("org.apache.spark.scheduler.TaskSetManager", level.FATAL)
     log.info(
         "spark %s, master %s, default parallelism %d",
         spark.version,

@@ -538,3 +538,28 @@ def test_a_parquet_folder_is_checked_file_by_file(spark, tmp_path):
     )
     with pytest.raises(DataError, match=r"b\.parquet has no column\(s\) \['amount'\]"):
         clean(spark, config_of(fx), run_dir)
+
+
+def test_json_fields_outside_the_config_are_reported(spark, tmp_path):
+    fx = Fixture(
+        raw='{"id": 1, "score": 1.5}\n{"id": 2, "scor": 2.5}\n{"id": 3, "score": 3.5}\n',
+        columns={"id": "int", "score": "double"},
+        source={"format": "json", "options": {}},
+        file="rows.jsonl",
+    )
+    run = run_clean(spark, tmp_path, fx)
+    assert run.quality["sources"][SOURCE]["unconfigured_fields"] == {"scor": 1}
+
+
+def test_wide_inputs_clean(spark, tmp_path):
+    """Wide inputs pass the row checks (one check per column used to nest one level deeper)."""
+    width = 200
+    header = ",".join(["id", *[f"x{i}" for i in range(width)]])
+    lines = [",".join([str(r), *[str(r * i % 7) for i in range(width)]]) for r in range(1, 6)]
+    lines.append(",".join(["6", "oops", *["1"] * (width - 1)]))
+    columns = {"id": "int", **{f"x{i}": "double" for i in range(width)}}
+    run = run_clean(
+        spark, tmp_path, Fixture(raw="\n".join([header, *lines]) + "\n", columns=columns)
+    )
+    assert run.quality["clean"] == 5
+    assert run.quality["sources"][SOURCE]["rejected_by_column"] == {"unparseable_value:x0": 1}
