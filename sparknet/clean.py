@@ -32,6 +32,7 @@ import logging
 import re
 import shutil
 from pathlib import Path
+from typing import TextIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -82,7 +83,7 @@ def read_raw(spark: SparkSession, name: str, src: SourceConfig, path: str) -> Da
     # CSV maps fields to the schema by position (the header was checked above), JSON by
     # field name; the schema uses the names in the file so that Spark agrees with both.
     schema = T.StructType(
-        [T.StructField(spec.name_in_file(col), T.StringType()) for col, spec in src.columns.items()]
+        [T.StructField(name, T.StringType()) for name in src.names_in_file]
         + [T.StructField(CORRUPT, T.StringType())]
     )
     options = dict(src.options)
@@ -109,8 +110,7 @@ def read_raw(spark: SparkSession, name: str, src: SourceConfig, path: str) -> Da
 def _read_parquet(spark: SparkSession, name: str, src: SourceConfig, path: str) -> DataFrame:
     df = spark.read.parquet(path)
     present = set(df.columns)
-    missing = [spec.name_in_file(c) for c, spec in src.columns.items()]
-    missing = [m for m in missing if m not in present]
+    missing = [m for m in src.names_in_file if m not in present]
     if missing:
         raise DataError(
             f"sources.{name}: {path} has no column(s) {missing}; it has {sorted(present)}"
@@ -140,14 +140,11 @@ def _check_quotes_close(name: str, src: SourceConfig, path: str) -> None:
     """A quote that never closes takes every line after it into one value, which Spark
     keeps as a clean row when it is the last field. Records spanning lines are rare, so
     when there are some, every local file is parsed strictly once more."""
-    options = {k.lower(): v for k, v in src.options.items()}
-    sep, quote = _separator(options), options.get("quote", '"')
-    encoding = options.get("encoding", options.get("charset", "utf-8"))
+    sep, quote = _separator(src), src.option("quote", '"')
     if len(sep) != 1 or len(quote) != 1:
         return
     for file in local_input_files(path) or []:
-        opener = {".gz": gzip.open, ".bz2": bz2.open}.get(file.suffix, open)
-        with opener(file, "rt", newline="", encoding=encoding, errors="replace") as fh:
+        with _open_text(file, _encoding(src)) as fh:
             reader = csv.reader(fh, delimiter=sep, quotechar=quote, strict=True)
             start = 1
             try:
@@ -171,9 +168,7 @@ def _check_parquet_files(name: str, src: SourceConfig, path: str) -> None:
             raise DataError(
                 f"sources.{name}: {file} is not a readable Parquet file: {exc}"
             ) from None
-        missing = [
-            m for m in (s.name_in_file(c) for c, s in src.columns.items()) if m not in present
-        ]
+        missing = [m for m in src.names_in_file if m not in present]
         if missing:
             raise DataError(
                 f"sources.{name}: {file} has no column(s) {missing}; it has {sorted(present)}"
@@ -187,7 +182,7 @@ def _check_json_fields(
     would pass as missing values: every configured field must occur in every file.
     Returns the fields that are not configured, with how many records hold them: their
     values are not read, so they are reported (a misspelling in a few records shows here)."""
-    if {k.lower(): v for k, v in src.options.items()}.get("multiline", "false").lower() == "true":
+    if src.option("multiLine", "false").lower() == "true":
         return {}  # whole-file JSON documents are not one record per line
     counts = (
         spark.read.text(path)
@@ -201,7 +196,7 @@ def _check_json_fields(
     )
     keys: dict[str, set[str]] = {}
     unconfigured: dict[str, int] = {}
-    expected = [spec.name_in_file(c) for c, spec in src.columns.items()]
+    expected = src.names_in_file
     for row in counts:
         keys.setdefault(row["file"], set()).add(row["key"])
         if row["key"] not in expected:
@@ -249,18 +244,27 @@ def local_input_files(path: str) -> list[Path] | None:
     return [p for p in candidates if p.is_file() and not p.name.startswith(("_", "."))]
 
 
-def _separator(options: dict[str, str]) -> str:
-    sep = options.get("sep", options.get("delimiter", ","))
+def _separator(src: SourceConfig) -> str:
+    sep = src.option("sep", src.option("delimiter", ","))
     # Spark reads the two characters backslash-t as a tab, as YAML's '\t' gives them.
     return "\t" if sep == "\\t" else sep
 
 
-def _first_line(file: Path, encoding: str) -> str:
+def _encoding(src: SourceConfig) -> str:
+    return src.option("encoding", src.option("charset", "utf-8"))
+
+
+def _open_text(file: Path, encoding: str) -> TextIO:
+    """A local input file as text, decompressed as Spark would by its suffix."""
     opener = {".gz": gzip.open, ".bz2": bz2.open}.get(file.suffix, open)
     if encoding.lower().replace("-", "") == "utf8":
         encoding = "utf-8-sig"  # a byte-order mark is not part of the first column's name
+    return opener(file, "rt", newline="", encoding=encoding, errors="replace")
+
+
+def _first_line(file: Path, encoding: str) -> str:
     try:
-        with opener(file, "rt", newline="", encoding=encoding, errors="replace") as fh:
+        with _open_text(file, encoding) as fh:
             return fh.readline()
     except LookupError:
         raise DataError(f"{file}: unknown encoding '{encoding}' in the reader options") from None
@@ -276,20 +280,18 @@ def _check_header(name: str, src: SourceConfig, path: str) -> None:
         raise DataError(f"sources.{name}: input {path} does not exist or holds no files")
     if files is None or src.format != "csv":
         return
-    options = {k.lower(): v for k, v in src.options.items()}
-    if options.get("header", "false").lower() != "true":
+    if src.option("header", "false").lower() != "true":
         return
-    sep = _separator(options)
-    encoding = options.get("encoding", options.get("charset", "utf-8"))
-    expected = [spec.name_in_file(col) for col, spec in src.columns.items()]
+    sep = _separator(src)
+    expected = src.names_in_file
     for file in files:
-        first = _first_line(file, encoding)
+        first = _first_line(file, _encoding(src))
         if not first.strip():
             raise DataError(f"sources.{name}: {file} is empty; expected a header line")
         line = first.rstrip("\r\n")
         if len(sep) == 1:
             # A quoted name may hold the separator: `id,"Name, full"`.
-            header = next(csv.reader([line], delimiter=sep, quotechar=options.get("quote", '"')))
+            header = next(csv.reader([line], delimiter=sep, quotechar=src.option("quote", '"')))
             header = [h.strip() for h in header]
         else:
             header = [h.strip().strip('"') for h in line.split(sep)]
@@ -432,9 +434,8 @@ def _parse(text: Column, spec: ColumnConfig) -> Column:
 
 def _field_count(record: Column, src: SourceConfig) -> Column:
     """How many fields a CSV record has: separators outside quoted sections, plus one."""
-    options = {k.lower(): v for k, v in src.options.items()}
-    sep = _separator(options)
-    q = re.escape(options.get("quote", '"'))
+    sep = _separator(src)
+    q = re.escape(src.option("quote", '"'))
     # Unrolled (`"[^"]*(""[^"]*)*"`) rather than `"([^"]|"")*"`: the alternation recurses
     # once per character in Java's regex engine and overflows the stack on long fields.
     quoted = f"{q}[^{q}]*(?:{q}{q}[^{q}]*)*{q}"
@@ -444,8 +445,7 @@ def _field_count(record: Column, src: SourceConfig) -> Column:
 def _unclosed_quote(record: Column, src: SourceConfig) -> Column:
     """A record spanning lines with an odd number of quotes: a quote that never closes
     makes the reader take every following line into this one record."""
-    options = {k.lower(): v for k, v in src.options.items()}
-    quote = options.get("quote", '"')
+    quote = src.option("quote", '"')
     quotes = F.length(record) - F.length(F.replace(record, F.lit(quote), F.lit("")))
     return record.contains("\n") & (quotes % 2 == 1)
 
@@ -630,8 +630,7 @@ def clean(spark: SparkSession, config: Config, run_dir: RunDir) -> dict:
 
     # Reconcile from what was written, not from what was planned.
     written = spark.read.parquet(str(run_dir.clean))
-    profile = column_profile(written, clean_column_types(config))
-    written_clean = written.count()
+    written_clean, profile = column_profile(written, clean_column_types(config))
     written_rejects = {
         (r["source"]): r["count"]
         for r in spark.read.parquet(str(run_dir.rejects)).groupBy("source").count().collect()
@@ -655,7 +654,7 @@ def clean(spark: SparkSession, config: Config, run_dir: RunDir) -> dict:
             "rejected": main["rejected"],
             "rejected_by_reason": main["rejected_by_reason"],
             "reconciled": main["rows_in"] == written_clean + main["rejected"],
-            "label": label_summary(config, written),
+            "label": label_distribution(config, written, profile[config.label.name]),
             "columns": profile,
         }
     )
@@ -664,19 +663,19 @@ def clean(spark: SparkSession, config: Config, run_dir: RunDir) -> dict:
     return quality
 
 
-def label_summary(config: Config, clean: DataFrame) -> dict:
+def label_distribution(config: Config, clean: DataFrame, profiled: dict) -> dict:
     """The label's distribution in the clean table: the positive share (binary), rows per
-    class (multiclass) or mean and stddev (regression)."""
+    class (multiclass) or mean and stddev (regression). `profiled` is the label's entry
+    in the column profile, which already holds the mean and stddev."""
     label = config.label
     summary: dict = {"name": label.name, "task": label.task}
     if label.task == "binary":
-        summary["positive_share"] = clean.agg(F.avg(label.name)).first()[0]
+        summary["positive_share"] = profiled["mean"]
     elif label.task == "multiclass":
         counts = {int(r[0]): r[1] for r in clean.groupBy(label.name).count().collect()}
         summary["rows_by_class"] = {c: counts.get(i, 0) for i, c in enumerate(label.classes)}
     else:
-        row = clean.agg(F.avg(label.name), F.stddev_pop(label.name)).first()
-        summary.update(mean=row[0], stddev=row[1])
+        summary.update(mean=profiled["mean"], stddev=profiled["stddev"])
     return summary
 
 

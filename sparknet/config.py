@@ -83,6 +83,16 @@ class SourceConfig:
     # The clean stage fails when a larger share of this source's rows is rejected.
     max_reject_share: float = 0.05
 
+    @property
+    def names_in_file(self) -> list[str]:
+        """The columns as the file spells them, in column order."""
+        return [spec.name_in_file(col) for col, spec in self.columns.items()]
+
+    def option(self, key: str, default: str | None = None) -> str | None:
+        """A reader option, looked up ignoring case as Spark does."""
+        found = {k.lower(): str(v) for k, v in self.options.items()}
+        return found.get(key.lower(), default)
+
 
 @dataclass(frozen=True)
 class JoinConfig:
@@ -399,8 +409,7 @@ def _check(c: Config) -> None:
     for name, src in c.sources.items():
         where = f"{w}: sources.{name}"
         _one_of(f"{where}.format", src.format, ("csv", "parquet", "json"))
-        multiline = {k.lower(): str(v).lower() for k, v in src.options.items()}.get("multiline")
-        if src.format == "csv" and multiline == "false":
+        if src.format == "csv" and (src.option("multiLine") or "").lower() == "false":
             raise ConfigError(
                 f"{where}.options.multiLine: false is refused for CSV: a quoted field holding "
                 "a line break would be cut there and its row kept as clean; sparknet reads "
@@ -428,7 +437,7 @@ def _check(c: Config) -> None:
         for col in src.key:
             if col not in src.columns:
                 raise ConfigError(f"{where}.key: '{col}' is not among its columns")
-        in_file = [spec.name_in_file(col) for col, spec in src.columns.items()]
+        in_file = src.names_in_file
         repeated = sorted({n for n in in_file if in_file.count(n) > 1})
         if repeated:
             raise ConfigError(f"{where}.columns: {repeated} read more than once")

@@ -30,10 +30,10 @@ def clean_column_types(config: Config) -> dict[str, str]:
     return types
 
 
-def column_profile(df: DataFrame, types: dict[str, str]) -> dict[str, dict[str, Any]]:
+def column_profile(df: DataFrame, types: dict[str, str]) -> tuple[int, dict[str, dict[str, Any]]]:
     """Nulls for every column; distinct values and values holding a line break for
     strings; min, max, mean and population stddev for numbers; min and max for dates
-    and timestamps. Two passes over `df`."""
+    and timestamps. Returns the row count too. Two passes over `df`."""
     aggs = [F.count(F.lit(1)).alias("__rows")]
     for c, tp in types.items():
         aggs.append(F.count(c).alias(f"{c}__n"))
@@ -68,7 +68,7 @@ def column_profile(df: DataFrame, types: dict[str, str]) -> dict[str, dict[str, 
                 value = row[key]
                 entry[stat] = str(value) if tp in ("date", "timestamp") and value else value
         profile[c] = entry
-    return profile
+    return rows, profile
 
 
 def features_quality(

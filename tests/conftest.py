@@ -140,6 +140,21 @@ def mark_clean_finished(clean_path) -> None:
     quality.write_text('{"reconciled": true}\n')
 
 
+def small_training_config(label=None, workers=2, epochs=4, **train_overrides):
+    """The synthetic config with a small, fast network, for tests that really train."""
+    return synthetic_config(
+        label=label,
+        train={
+            "workers": workers,
+            "epochs": epochs,
+            "batch_size": 64,
+            "hidden": [16],
+            "learning_rate": 0.01,
+            **train_overrides,
+        },
+    )
+
+
 def synthetic_config(variance=0.95, train=None, shard=None, label=None):
     return config_from_dict(
         {

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from test_train import K, W, write_shards
 
-from conftest import synthetic_config
+from conftest import small_training_config
 from sparknet.errors import RunDirError, TrainingError
 from sparknet.evaluate import evaluate, multiclass_metrics, regression_metrics, score
 from sparknet.run_dir import RunDir, read_json
@@ -43,19 +43,6 @@ def three_classes(x, rng):
 def linear_target(x, rng):
     """About 1000 ± 220, linear in x plus a little noise: R² near 1 is reachable."""
     return TARGET_MEAN + TARGET_SCALE * (x @ W) + NOISE * rng.normal(size=len(x))
-
-
-def task_config(label, epochs=4, workers=2):
-    return synthetic_config(
-        label=label,
-        train={
-            "workers": workers,
-            "epochs": epochs,
-            "batch_size": 64,
-            "hidden": [16],
-            "learning_rate": 0.01,
-        },
-    )
 
 
 MULTICLASS = {"task": "multiclass", "classes": CLASSES}
@@ -166,7 +153,7 @@ def test_regression_metrics_against_the_train_mean():
 def test_binary_evaluate_keeps_its_keys(spark, tmp_path):
     run_dir = RunDir.at(tmp_path)
     write_shards(run_dir, n_test=1_000)
-    config = task_config(label=None)
+    config = small_training_config(label=None)
     train(spark, config, run_dir)
     metrics = evaluate(spark, config, run_dir)
 
@@ -180,7 +167,7 @@ def test_binary_evaluate_keeps_its_keys(spark, tmp_path):
 def test_multiclass_trains_and_evaluates(spark, tmp_path):
     run_dir = RunDir.at(tmp_path)
     write_shards(run_dir, n_test=1_500, label_of=three_classes)
-    config = task_config(label=MULTICLASS)
+    config = small_training_config(label=MULTICLASS)
     report = train(spark, config, run_dir)
 
     assert report["task"] == "multiclass" and report["world_size"] == 2
@@ -206,13 +193,13 @@ def test_multiclass_trains_and_evaluates(spark, tmp_path):
     assert np.trace(counts) == round(model["accuracy"] * 1_500)
 
     with pytest.raises(RunDirError, match=r"holds a multiclass model.*rerun the 'train' stage"):
-        evaluate(spark, task_config(label=None), run_dir)
+        evaluate(spark, small_training_config(label=None), run_dir)
 
 
 def test_regression_trains_and_reports_in_the_targets_unit(spark, tmp_path):
     run_dir = RunDir.at(tmp_path)
     write_shards(run_dir, n_test=1_000, label_of=linear_target)
-    config = task_config(label=REGRESSION)
+    config = small_training_config(label=REGRESSION)
     report = train(spark, config, run_dir)
 
     assert report["task"] == "regression"
@@ -242,7 +229,7 @@ def test_labels_that_do_not_fit_the_task_are_refused_before_launch(spark, tmp_pa
     run_dir = RunDir.at(tmp_path)
     write_shards(run_dir, label_of=linear_target)
     with pytest.raises(TrainingError, match=r"label.task=multiclass expects class indices 0..2"):
-        train(spark, task_config(label=MULTICLASS), run_dir)
+        train(spark, small_training_config(label=MULTICLASS), run_dir)
     assert not run_dir.model.exists()
 
 
@@ -250,4 +237,4 @@ def test_a_constant_regression_target_is_refused(spark, tmp_path):
     run_dir = RunDir.at(tmp_path)
     write_shards(run_dir, label_of=lambda x, rng: np.full(len(x), 7.0))
     with pytest.raises(TrainingError, match=r"label 'y' is constant \(7.0\)"):
-        train(spark, task_config(label=REGRESSION), run_dir)
+        train(spark, small_training_config(label=REGRESSION), run_dir)

@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import synthetic_config
+from conftest import small_training_config
 from sparknet.errors import TrainingError
 from sparknet.run_dir import RunDir, read_json, write_json
 from sparknet.train.launcher import train
@@ -68,21 +68,8 @@ def shards(tmp_path):
     return run_dir
 
 
-def config(workers=2, epochs=4, **train_overrides):
-    return synthetic_config(
-        train={
-            "workers": workers,
-            "epochs": epochs,
-            "batch_size": 64,
-            "hidden": [16],
-            "learning_rate": 0.01,
-            **train_overrides,
-        }
-    )
-
-
 def test_two_ranks_train_to_identical_weights(spark, shards):
-    report = train(spark, config(workers=2), shards)
+    report = train(spark, small_training_config(workers=2), shards)
 
     assert report == read_json(shards.train_report)
     assert report["world_size"] == 2 and report["backend"] == "gloo"
@@ -104,20 +91,20 @@ def test_two_ranks_train_to_identical_weights(spark, shards):
 
 
 def test_one_rank_trains_too(spark, shards):
-    report = train(spark, config(workers=1, epochs=2), shards)
+    report = train(spark, small_training_config(workers=1, epochs=2), shards)
     assert report["world_size"] == 1
     assert report["epochs"][-1]["samples"] == 3_001
 
 
 def test_same_seed_same_model(spark, shards, tmp_path_factory):
-    first = train(spark, config(workers=2, epochs=2), shards)["weights_digest"]
-    again = train(spark, config(workers=2, epochs=2), shards)["weights_digest"]
+    first = train(spark, small_training_config(workers=2, epochs=2), shards)["weights_digest"]
+    again = train(spark, small_training_config(workers=2, epochs=2), shards)["weights_digest"]
     assert first == again
 
 
 def test_too_many_workers_fails_before_launch(spark, shards):
     with pytest.raises(TrainingError, match=r"train.workers=3 needs 3 concurrent task slots"):
-        train(spark, config(workers=3), shards)
+        train(spark, small_training_config(workers=3), shards)
 
 
 def test_a_failing_rank_fails_the_job_with_its_message(spark, shards):
@@ -125,7 +112,7 @@ def test_a_failing_rank_fails_the_job_with_its_message(spark, shards):
     manifest["columns"] = manifest["columns"] + ["pc_missing"]
     write_json(shards.shards_manifest, manifest)
     with pytest.raises(TrainingError, match=r"rank \d failed: AttributeError.*pc_missing"):
-        train(spark, config(workers=2, timeout_s=30), shards)
+        train(spark, small_training_config(workers=2, timeout_s=30), shards)
     assert not (shards.model / "model.pt").exists()
 
 
@@ -133,4 +120,8 @@ def test_a_diverging_loss_stops_every_rank_with_a_hint(spark, shards):
     with pytest.raises(
         TrainingError, match=r"training loss is (nan|inf); lower train.learning_rate"
     ):
-        train(spark, config(workers=2, epochs=2, optimizer="sgd", learning_rate=1e12), shards)
+        train(
+            spark,
+            small_training_config(workers=2, epochs=2, optimizer="sgd", learning_rate=1e12),
+            shards,
+        )
