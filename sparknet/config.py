@@ -22,8 +22,16 @@ from sparknet.errors import ConfigError
 
 COLUMN_TYPES = ("int", "long", "double", "float", "string", "boolean", "date", "timestamp")
 TASKS = ("binary", "multiclass", "regression")
-ACTIVATIONS = ("relu", "gelu", "tanh", "silu")
-OPTIMIZERS = ("adam", "adamw", "sgd")
+ACTIVATIONS = ("relu", "gelu", "tanh", "sigmoid", "silu")
+OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
+SCHEDULES = ("constant", "step", "cosine")
+EARLY_STOPPING_METRICS = (
+    "validation_loss",
+    "validation_accuracy",
+    "validation_auc",
+    "validation_rmse",
+)
+FAULTS = ("raise", "exit", "sleep", "nan")
 NUMERIC_TYPES = ("int", "long", "double", "float")
 # How a feature's missing values (null, or NaN/inf from a derived expression) are filled,
 # fitted on the train split. `category` (categoricals only) keeps missing as its own
@@ -183,20 +191,68 @@ class ShardConfig:
 
 
 @dataclass(frozen=True)
+class ScheduleConfig:
+    """The learning rate per optimizer step: a linear warm-up from 0 over `warmup_steps`,
+    then constant, multiplied by `gamma` every `step_epochs` epochs (step), or a cosine
+    from train.learning_rate down to `min_learning_rate` at the last step (cosine)."""
+
+    name: str = "constant"
+    warmup_steps: int = 0
+    step_epochs: int = 1
+    gamma: float = 0.5
+    min_learning_rate: float = 0.0
+
+
+@dataclass(frozen=True)
+class EarlyStoppingConfig:
+    """Stop when `metric`, computed over the whole validation split by all ranks together,
+    has not improved by more than `min_delta` for `patience` epochs (0: never stop early).
+    The weights kept are those of the best epoch."""
+
+    metric: str = "validation_loss"
+    patience: int = 0
+    min_delta: float = 0.0
+
+
+@dataclass(frozen=True)
+class FaultConfig:
+    """A fault injected on purpose, to test that the job fails fast and says why: at
+    global optimizer step `step` (counted from 0 across epochs), rank `rank` raises,
+    exits its Python process, sleeps `seconds`, or feeds a NaN into its loss."""
+
+    kind: str
+    rank: int = 0
+    step: int = 0
+    seconds: float = 3600.0
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     workers: int = 2
     hidden: list[int] = field(default_factory=lambda: [128, 64])
     activation: str = "relu"
     dropout: float = 0.0
+    # Normalises each rank's own batch (torch has no SyncBatchNorm on CPU): with it, N
+    # workers x batch b is no longer exactly 1 worker x batch N*b.
+    batch_norm: bool = False
     optimizer: str = "adam"
+    momentum: float = 0.9  # sgd and rmsprop
     learning_rate: float = 1e-3
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # the optimizer's own (decoupled for adamw)
+    l1: float = 0.0  # penalties added to the loss: l1 * sum|w| + l2 * sum w^2 over weights
+    l2: float = 0.0
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    grad_clip_norm: float = 0.0  # clip the global gradient norm to this; 0: off
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     epochs: int = 5
-    batch_size: int = 512
+    batch_size: int = 512  # per rank: one optimizer step averages workers x batch_size
     seed: int = 13
     device: str = "auto"
     prefetch_row_groups: int = 2  # row groups read ahead of training, per rank
-    timeout_s: float = 600.0  # torch.distributed collective timeout
+    # The bound on waiting: a collective that does not complete, or a job in which no
+    # rank makes progress, fails after this many seconds.
+    timeout_s: float = 120.0
+    fault: FaultConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -557,3 +613,54 @@ def _check(c: Config) -> None:
     _one_of(f"{w}: train.activation", t.activation, ACTIVATIONS)
     _one_of(f"{w}: train.optimizer", t.optimizer, OPTIMIZERS)
     _one_of(f"{w}: train.device", t.device, DEVICES)
+    _check_train(t, w)
+    metric_tasks = {
+        "validation_accuracy": ("binary", "multiclass"),
+        "validation_auc": ("binary",),
+        "validation_rmse": ("regression",),
+    }
+    allowed = metric_tasks.get(t.early_stopping.metric)
+    if allowed and c.label.task not in allowed:
+        raise ConfigError(
+            f"{w}: train.early_stopping.metric: {t.early_stopping.metric} is not computed for "
+            f"label.task={c.label.task}; use validation_loss or one for {c.label.task}"
+        )
+
+
+def _check_train(t: TrainConfig, w: str) -> None:
+    for key in ("momentum", "weight_decay", "l1", "l2", "grad_clip_norm"):
+        value = getattr(t, key)
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"{w}: train.{key}: must be a finite number >= 0, got {value}")
+    s = t.schedule
+    _one_of(f"{w}: train.schedule.name", s.name, SCHEDULES)
+    if s.warmup_steps < 0:
+        raise ConfigError(f"{w}: train.schedule.warmup_steps: must be >= 0, got {s.warmup_steps}")
+    _positive(f"{w}: train.schedule.step_epochs", s.step_epochs)
+    if not 0 < s.gamma <= 1:
+        raise ConfigError(f"{w}: train.schedule.gamma: must be in (0, 1], got {s.gamma}")
+    if not 0 <= s.min_learning_rate <= t.learning_rate:
+        raise ConfigError(
+            f"{w}: train.schedule.min_learning_rate: must be in [0, train.learning_rate="
+            f"{t.learning_rate}], got {s.min_learning_rate}"
+        )
+    e = t.early_stopping
+    _one_of(f"{w}: train.early_stopping.metric", e.metric, EARLY_STOPPING_METRICS)
+    if e.patience < 0 or e.min_delta < 0:
+        raise ConfigError(
+            f"{w}: train.early_stopping: patience and min_delta must be >= 0, got "
+            f"{e.patience} and {e.min_delta}"
+        )
+    if t.batch_norm and t.batch_size < 4:
+        raise ConfigError(
+            f"{w}: train.batch_size: batch_norm needs at least 4 rows per rank batch, got "
+            f"{t.batch_size}"
+        )
+    if t.fault is not None:
+        _one_of(f"{w}: train.fault.kind", t.fault.kind, FAULTS)
+        if not 0 <= t.fault.rank < t.workers:
+            raise ConfigError(
+                f"{w}: train.fault.rank: must be a rank 0..{t.workers - 1}, got {t.fault.rank}"
+            )
+        if t.fault.step < 0:
+            raise ConfigError(f"{w}: train.fault.step: must be >= 0, got {t.fault.step}")
