@@ -47,5 +47,17 @@ def setup_logging(level: int = logging.INFO) -> None:
         logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
+def add_handler(handler: logging.Handler) -> logging.Handler:
+    """Adds `handler` to sparknet's loggers with the same format and stage as the
+    console's, and on its own: a training rank's records travel to the driver."""
+    handler.setFormatter(logging.Formatter(FORMAT, datefmt="%H:%M:%S"))
+    handler.addFilter(_stage_filter)
+    root = logging.getLogger("sparknet")
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    root.propagate = False
+    return handler
+
+
 def set_stage(stage: str) -> None:
     _stage_filter.stage = stage

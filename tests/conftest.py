@@ -156,29 +156,31 @@ def small_training_config(label=None, workers=2, epochs=4, **train_overrides):
 
 
 def synthetic_config(variance=0.95, train=None, shard=None, label=None):
-    return config_from_dict(
-        {
-            "name": "synthetic",
-            "sources": {
-                "rows": {
-                    "path": "rows.csv",
-                    "columns": {
-                        "id": "long",
-                        "x1": "double",
-                        "x2": "double",
-                        "x3": "double",
-                        "x4": "double",
-                        "cat": "string",
-                        "y_raw": "double",
-                    },
-                }
-            },
-            "main": "rows",
-            "label": {"name": "y", "expr": "y_raw", "requires": ["y_raw"], **(label or {})},
-            "features": {"numeric": ["x1", "x2", "x3", "x4"], "categorical": ["cat"]},
-            "pca": {"variance": variance},
-            "split": {"key": ["id"], "validation": 0.1, "test": 0.2},
-            "train": {"workers": 2, "timeout_s": 60, **(train or {})},
-            "shard": shard or {"rows_per_row_group": 16384},
-        }
-    )
+    return config_from_dict(synthetic_config_dict(variance, train, shard, label))
+
+
+def synthetic_config_dict(variance=0.95, train=None, shard=None, label=None) -> dict:
+    return {
+        "name": "synthetic",
+        "sources": {
+            "rows": {
+                "path": "rows.csv",
+                "columns": {
+                    "id": "long",
+                    "x1": "double",
+                    "x2": "double",
+                    "x3": "double",
+                    "x4": "double",
+                    "cat": "string",
+                    "y_raw": "double",
+                },
+            }
+        },
+        "main": "rows",
+        "label": {"name": "y", "expr": "y_raw", "requires": ["y_raw"], **(label or {})},
+        "features": {"numeric": ["x1", "x2", "x3", "x4"], "categorical": ["cat"]},
+        "pca": {"variance": variance},
+        "split": {"key": ["id"], "validation": 0.1, "test": 0.2},
+        "train": {"workers": 2, "timeout_s": 60, **(train or {})},
+        "shard": shard or {"rows_per_row_group": 16384},
+    }

@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import shutil
+import socket
+import threading
 import time
+from pathlib import Path
 
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
@@ -17,7 +21,9 @@ from sparknet.config import Config
 from sparknet.errors import TrainingError
 from sparknet.run_dir import RunDir, read_json, write_json
 from sparknet.shard import LABEL
+from sparknet.train.events import EventServer
 from sparknet.train.model import ModelSpec, load_model_files, model_from_bytes
+from sparknet.train.plan import ShardPlan, make_plan, read_row_groups
 from sparknet.train.worker import TaskSpec, run_rank, validation_summary, weights_digest
 
 log = logging.getLogger(__name__)
@@ -94,36 +100,9 @@ def build_model_spec(config: Config, columns: list[str], train_labels: dict) -> 
     return ModelSpec(**spec)
 
 
-def task_spec(config: Config, run_dir: RunDir, model: ModelSpec) -> TaskSpec:
-    t = config.train
-    return TaskSpec(
-        train_path=str(run_dir.shard("train")),
-        model_path=str(run_dir.model),
-        validation_path=str(run_dir.shard("validation")),
-        model=model,
-        optimizer=t.optimizer,
-        learning_rate=t.learning_rate,
-        weight_decay=t.weight_decay,
-        epochs=t.epochs,
-        batch_size=t.batch_size,
-        seed=t.seed,
-        device=t.device,
-        prefetch_row_groups=t.prefetch_row_groups,
-        timeout_s=t.timeout_s,
-    )
-
-
-def preflight(spark: SparkSession, workers: int, device: str, manifest: dict) -> None:
+def preflight(spark: SparkSession, workers: int, device: str) -> None:
     """Refuse now, with the knob to change, what would otherwise fail inside the tasks
     or leave a barrier stage waiting for slots."""
-    for split in ("train", "validation"):
-        groups = manifest["splits"][split]["row_groups"]
-        if groups < workers:
-            raise TrainingError(
-                f"the {split} shards have {groups} row groups, fewer than train.workers="
-                f"{workers}: some ranks would get no data; rerun the shard stage with this "
-                "config (it writes at least train.workers row groups per split)"
-            )
     sc = spark.sparkContext
     conf = sc.getConf()
     if device == "cuda" and not conf.get("spark.task.resource.gpu.amount", None):
@@ -157,11 +136,146 @@ def python_error(exc: Exception) -> str:
     return "\n".join(lines[-15:])
 
 
+# The validation split is only scored: a large batch, no step constraint.
+VALIDATION_BATCH = 8192
+
+
+def make_plans(config: Config, run_dir: RunDir) -> tuple[ShardPlan, ShardPlan]:
+    """The train and validation plans from the shards' footers, written to plan.json."""
+    t = config.train
+    plans = (
+        make_plan(
+            read_row_groups(run_dir.shard("train")),
+            t.workers,
+            t.batch_size,
+            min_batch=2 if t.batch_norm else 1,
+        ),
+        make_plan(read_row_groups(run_dir.shard("validation")), t.workers, VALIDATION_BATCH),
+    )
+    write_json(
+        run_dir.shard_plan,
+        {
+            "seed": t.seed,
+            "train": plans[0].to_json(),
+            "validation": plans[1].to_json(),
+            "train_digest": plans[0].digest,
+            "validation_digest": plans[1].digest,
+        },
+    )
+    return plans
+
+
+def driver_address(spark: SparkSession) -> tuple[str, str]:
+    """(address executors use to reach the driver, address to bind on the driver)."""
+    conf = spark.sparkContext.getConf()
+    host = conf.get("spark.driver.host", None) or "127.0.0.1"
+    return host, conf.get("spark.driver.bindAddress", None) or host
+
+
+class EpochLog:
+    """Prints rank 0's epoch events on the driver, where spark-submit and Airflow users
+    read the log."""
+
+    def __init__(self, task: str) -> None:
+        self.task = task
+
+    def __call__(self, event: dict) -> None:
+        rate = event["samples"] / max(event["seconds"], 1e-9)
+        log.info(
+            "epoch %d/%d: train loss %.4f, %s, %d samples at %.0f/s (%.1f s, %.1f s waiting "
+            "for data), lr %.3g",
+            event["epoch"] + 1,
+            event["epochs"],
+            event["train_loss"],
+            validation_summary(self.task, event),
+            event["samples"],
+            rate,
+            event["seconds"],
+            event["data_wait_seconds"],
+            event["learning_rate"],
+        )
+
+
+# How long a cancelled job may take to end before the driver stops waiting for it.
+CANCEL_WAIT_S = 60.0
+
+
+def run_barrier(spark: SparkSession, spec: TaskSpec, events: EventServer, timeout_s: float):
+    """Runs one barrier task per rank and waits for them, never longer than `timeout_s`
+    without progress from some rank: then the job is cancelled (Spark kills the tasks
+    and their Python workers) and the error says which rank stalled where."""
+    sc = spark.sparkContext
+    workers = spec.train_plan.world_size
+    group = f"sparknet-train-{events.token[:8]}"
+    outcome: dict = {}
+
+    def run(_partition):
+        yield run_rank(spec)
+
+    def job() -> None:
+        sc.setJobGroup(group, f"sparknet train: {workers} ranks", interruptOnCancel=True)
+        try:
+            rdd = sc.parallelize(range(workers), workers).barrier().mapPartitions(run)
+            outcome["results"] = rdd.collect()
+        except Exception as exc:  # handed to the caller's thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=job, name="sparknet-train-job", daemon=True)
+    thread.start()
+    stalled = None
+    while thread.is_alive():
+        thread.join(timeout=1.0)
+        if thread.is_alive() and events.stalled_for() > timeout_s:
+            stalled = events.diagnosis(timeout_s)
+            log.error("cancelling training: %s", stalled.splitlines()[0])
+            sc.cancelJobGroup(group)
+            thread.join(timeout=CANCEL_WAIT_S)
+            break
+    if stalled is None and "error" not in outcome:
+        return outcome["results"]
+    # What the ranks said comes first; Spark's message when they said nothing.
+    reason = stalled or events.diagnosis() or python_error(outcome["error"])
+    error = TrainingError(f"training failed: {reason}")
+    error.rank_pids = [s.pid for s in events.snapshot().values()]
+    _wait_for_ranks_to_exit(events)
+    raise error
+
+
+def _wait_for_ranks_to_exit(events: EventServer, within_s: float = 20.0) -> None:
+    """Spark kills the tasks of a failed barrier stage and their Python workers; on this
+    host, check that it did, so a failed run never leaves a training process behind
+    unnoticed. (Executors on other hosts are the cluster manager's to check.)"""
+    here = socket.gethostname()
+    local = {s.pid: s.rank for s in events.snapshot().values() if s.host == here and s.pid}
+    deadline = time.monotonic() + within_s
+    while local and time.monotonic() < deadline:
+        local = {pid: rank for pid, rank in local.items() if process_running(pid)}
+        time.sleep(0.2)
+    for pid, rank in local.items():
+        log.warning(
+            "rank %d's process %d is still running %.0f s after the failure", rank, pid, within_s
+        )
+
+
+def process_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        # A zombie has exited; its parent just has not collected it yet.
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def train(spark: SparkSession, config: Config, run_dir: RunDir) -> dict:
     manifest = read_json(run_dir.require(run_dir.shards_manifest, "shard"))
     columns = manifest["columns"]
-    workers = config.train.workers
-    preflight(spark, workers, config.train.device, manifest)
+    t = config.train
+    preflight(spark, t.workers, t.device)
     # A model left by an earlier run must not pass for this one's if training fails.
     shutil.rmtree(run_dir.model, ignore_errors=True)
     # The regression target's mean/std come from the train split alone, computed once
@@ -170,23 +284,32 @@ def train(spark: SparkSession, config: Config, run_dir: RunDir) -> dict:
     check_labels(config, "train", train_labels)
     check_labels(config, "validation", label_summary(spark, str(run_dir.shard("validation"))))
     model_spec = build_model_spec(config, columns, train_labels)
-    spec = task_spec(config, run_dir, model_spec)
-
-    def run(_partition):
-        yield run_rank(spec)
+    train_plan, validation_plan = make_plans(config, run_dir)
+    host, bind = driver_address(spark)
 
     started = time.perf_counter()
     log.info(
-        "launching %d barrier tasks (one torch rank each), %d epochs", workers, config.train.epochs
+        "launching %d barrier tasks (one torch rank each): %d epochs of %d steps, %d rows "
+        "per rank (plan %s)",
+        t.workers,
+        t.epochs,
+        train_plan.steps_per_epoch,
+        train_plan.rank_rows(0),
+        train_plan.digest[:12],
     )
-    sc = spark.sparkContext
-    sc.setJobDescription(f"sparknet train: {workers} ranks")
-    try:
-        results = sc.parallelize(range(workers), workers).barrier().mapPartitions(run).collect()
-    except Exception as exc:
-        raise TrainingError(f"training failed: {python_error(exc)}") from None
-    finally:
-        sc.setJobDescription(None)
+    with EventServer(bind, t.workers, on_epoch=EpochLog(model_spec.task)) as events:
+        spec = TaskSpec(
+            train_path=str(run_dir.shard("train")),
+            validation_path=str(run_dir.shard("validation")),
+            model_path=str(run_dir.model),
+            model=model_spec,
+            train=t,
+            train_plan=train_plan,
+            validation_plan=validation_plan,
+            events=(host, events.address[1]),
+            token=events.token,
+        )
+        results = run_barrier(spark, spec, events, t.timeout_s)
     seconds = time.perf_counter() - started
     results.sort(key=lambda r: r["rank"])
 
@@ -216,8 +339,12 @@ def train(spark: SparkSession, config: Config, run_dir: RunDir) -> dict:
         "rank_weights_digests": [r["weights_digest"] for r in results],
         "seconds": seconds,
         "train_rows": n_train,
+        "shard_plan_digest": train_plan.digest,
+        "steps_per_epoch": train_plan.steps_per_epoch,
         "task": model_spec.task,
         "loss": LOSSES[model_spec.task],
+        "stopped_early": results[0]["stopped_early"],
+        "best_epoch": results[0]["best_epoch"],
         "epochs": history,
     }
     if model_spec.task == "regression":

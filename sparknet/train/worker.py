@@ -24,46 +24,30 @@ import numpy as np
 from sparknet.errors import TrainingError
 
 if TYPE_CHECKING:
+    from sparknet.config import TrainConfig
+    from sparknet.train.events import EventClient
     from sparknet.train.model import ModelSpec
+    from sparknet.train.plan import ShardPlan
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """Everything a rank needs, copied out of the config on the driver so the closure
-    shipped to executors holds plain values."""
+    """Everything a rank needs, made on the driver, so the closure shipped to executors
+    holds plain values."""
 
     train_path: str
-    model_path: str  # rank 0 writes model.json + model.pt here (shared storage on a cluster)
     validation_path: str
+    model_path: str  # rank 0 writes model.json + model.pt here (shared storage on a cluster)
     # The network to build and what its outputs mean; for regression it already holds
     # the train split's target mean/std, so every rank standardises with the same values.
     model: ModelSpec
-    optimizer: str
-    learning_rate: float
-    weight_decay: float
-    epochs: int
-    batch_size: int
-    seed: int
-    device: str
-    prefetch_row_groups: int
-    timeout_s: float
-
-    def share(self, path: str, rank: int, world_size: int, epoch: int, shuffle: bool = True):
-        """This rank's row groups of the split at `path` for `epoch`."""
-        from sparknet.train.data import iterate_row_groups
-
-        return iterate_row_groups(
-            path,
-            self.model.columns,
-            rank,
-            world_size,
-            self.seed,
-            epoch,
-            self.prefetch_row_groups,
-            shuffle=shuffle,
-        )
+    train: TrainConfig
+    train_plan: ShardPlan
+    validation_plan: ShardPlan
+    events: tuple[str, int]  # the driver's event server, see events.py
+    token: str
 
 
 def is_loopback(host: str) -> bool:
@@ -127,39 +111,68 @@ def weights_digest(model) -> str:
 
 
 def run_rank(spec: TaskSpec) -> dict:
-    """Trains one rank; returns its report (rank 0's also carries the weights)."""
+    """Trains one rank; returns its report. Whatever happens, the driver hears about it
+    through the event channel first: the exception that reaches it through Spark is a
+    Py4J error, or nothing at all when the process dies."""
     from pyspark import BarrierTaskContext
 
-    from sparknet.logs import set_stage, setup_logging
+    from sparknet.logs import add_handler, set_stage
+    from sparknet.train.events import EventClient
 
-    # Executors have no handler of ours: without one, rank 0's epoch lines vanish.
-    # (In local mode they reach the console; on a cluster, the executor's stderr log.)
-    setup_logging()
-    set_stage("train")
     context = BarrierTaskContext.get()
     rank = context.partitionId()
+    events = EventClient(spec.events, spec.token, rank, spec.train.timeout_s)
+    # This rank's records go to the driver, which prints them in its own log (the one
+    # Airflow and spark-submit users read), not to the executor's stderr.
+    set_stage(f"train rank {rank}")
+    forward = add_handler(events.handler())
+    finished = False
     try:
-        return _train(spec, context)
-    except TrainingError:
-        raise
-    except Exception as exc:
-        # A plain message survives the trip to the driver; the traceback rides along.
-        raise TrainingError(
-            f"rank {rank} failed: {type(exc).__name__}: {exc}\n{traceback.format_exc()}"
-        ) from None
+        result = _train(spec, context, events)
+        finished = True
+        return result
+    except BaseException as exc:
+        if isinstance(exc, TrainingError):
+            message, show_traceback = str(exc), False
+        else:
+            message, show_traceback = f"{type(exc).__name__}: {exc}", True
+        events.error(message, traceback.format_exc(), show_traceback)
+        # A plain message survives the trip to the driver.
+        raise TrainingError(f"rank {rank} failed: {message}") from None
+    finally:
+        logging.getLogger("sparknet").removeHandler(forward)
+        events.close(done=finished)
 
 
-def _train(spec: TaskSpec, context) -> dict:
+class NonFiniteError(TrainingError):
+    pass
+
+
+def _train(spec: TaskSpec, context, events: EventClient) -> dict:
     import torch
     from torch.nn.parallel import DistributedDataParallel
 
-    from sparknet.train.data import rebatch
+    from sparknet.train.data import iterate_rank
     from sparknet.train.model import build_mlp, save_model, state_to_bytes, task_loss
+    from sparknet.train.optim import (
+        EarlyStopping,
+        clip_gradients,
+        make_optimizer,
+        make_scheduler,
+        penalty,
+    )
 
+    t, plan, model_spec = spec.train, spec.train_plan, spec.model
     threads = max(1, int(context.cpus()))
     torch.set_num_threads(threads)
-    backend, device_type = choose_backend(spec.device)
-    rank, world_size = init_process_group(context, backend, spec.timeout_s)
+    backend, device_type = choose_backend(t.device)
+    events.at(-1, -1, "rendezvous")
+    rank, world_size = init_process_group(context, backend, collective_timeout(t.timeout_s))
+    if world_size != plan.world_size:
+        raise TrainingError(
+            f"the barrier stage has {world_size} tasks but the shard plan is for "
+            f"{plan.world_size} ranks"
+        )
     if device_type == "cuda":
         gpus = context.resources().get("gpu")
         index = int(gpus.addresses[0]) if gpus and gpus.addresses else 0
@@ -168,93 +181,203 @@ def _train(spec: TaskSpec, context) -> dict:
     else:
         device = torch.device("cpu")
 
+    model = ddp = optimizer = None
+    completed = False
     try:
-        torch.manual_seed(spec.seed)  # same initial weights on every rank
-        model_spec = spec.model
+        torch.manual_seed(t.seed)  # the same initial weights on every rank
         model = build_mlp(model_spec).to(device)
+        # Dropout masks must differ between ranks, and repeat between runs.
+        torch.manual_seed(t.seed + 1 + rank)
         ddp = DistributedDataParallel(
             model, device_ids=[device.index] if device.index is not None else None
         )
-        optimizer = _optimizer(spec, ddp.parameters())
-
+        optimizer = make_optimizer(t, model)
+        scheduler = make_scheduler(optimizer, t, plan.steps_per_epoch)
+        stopper = EarlyStopping(t.early_stopping)
+        step_rows = plan.step_rows()
+        steps = plan.steps_per_epoch
+        best_state = None
         history = []
-        for epoch in range(spec.epochs):
+        for epoch in range(t.epochs):
             started = time.perf_counter()
             ddp.train()
-            # Accounting of the samples this rank saw: count, sum and sum of squares of
-            # the dense sample ids; summed over ranks they identify "each id exactly once".
-            seen = torch.zeros(3, dtype=torch.float64)
-            loss_sum = torch.zeros(2, dtype=torch.float64)
-            groups = spec.share(spec.train_path, rank, world_size, epoch)
-            # Ranks may hold a few rows more or less (whole row groups are dealt);
-            # join() lets the early finisher shadow the others' allreduces instead of
-            # leaving them waiting forever.
-            with ddp.join():
-                for ids, x, y in rebatch(groups, spec.batch_size):
-                    features = torch.from_numpy(x).to(device, non_blocking=True)
-                    target = torch.from_numpy(y).to(device, non_blocking=True)
-                    optimizer.zero_grad(set_to_none=True)
-                    # (batch, n_outputs) raw outputs; task_loss squeezes or casts per task.
-                    loss = task_loss(model_spec, ddp(features), target)
-                    loss.backward()
-                    optimizer.step()
-                    ids_f = ids.astype(np.float64)
-                    seen += torch.tensor(
-                        [len(ids), ids_f.sum(), (ids_f * ids_f).sum()], dtype=torch.float64
+            # Which samples this rank saw (count, sum and sum of squares of the dense ids:
+            # summed over ranks they prove "each id exactly once"), then the loss sum and
+            # rows over all ranks, then seconds spent waiting for data.
+            seen = np.zeros(3)
+            loss_total = np.zeros(2)
+            waited = 0.0
+            events.at(epoch, 0, "read")
+            batches = iterate_rank(
+                plan,
+                rank,
+                epoch,
+                t.seed,
+                model_spec.columns,
+                shuffle=True,
+                prefetch_row_groups=t.prefetch_row_groups,
+            )
+            step = -1
+            asked = time.perf_counter()
+            for step, (ids, x, y) in enumerate(batches):
+                waited += time.perf_counter() - asked
+                global_step = epoch * steps + step
+                events.at(epoch, step, "forward")
+                inject = _inject_fault(t.fault, rank, global_step)
+                features = torch.from_numpy(x).to(device, non_blocking=True)
+                target = torch.from_numpy(y).to(device, non_blocking=True)
+                optimizer.zero_grad(set_to_none=True)
+                loss_sum = task_loss(model_spec, ddp(features), target, reduction="sum")
+                if inject == "nan":
+                    loss_sum = loss_sum * float("nan")
+                # DDP averages gradients over ranks; scaling each rank's summed loss by
+                # world_size / (rows in this step on all ranks) turns that average into
+                # the mean over every row of the step, however unevenly the rows are
+                # spread (the last step's batches differ). The penalty is the same on
+                # every rank, so averaging keeps it once.
+                loss = loss_sum * (world_size / step_rows[step])
+                extra = penalty(model, t.l1, t.l2)
+                if extra is not None:
+                    loss = loss + extra
+                events.at(epoch, step, "backward")
+                loss.backward()
+                events.at(epoch, step, "allreduce")
+                # Every rank learns which ranks' losses were not finite: stopping is a
+                # collective decision, so no rank is left waiting in the next allreduce.
+                stats = torch.zeros(world_size + 2, dtype=torch.float64)
+                local = float(loss_sum.item())
+                stats[rank] = 0.0 if math.isfinite(local) else 1.0
+                stats[world_size] = local if math.isfinite(local) else 0.0
+                stats[world_size + 1] = len(ids)
+                stats = stats.to(device)
+                all_reduce(stats)
+                stats = stats.cpu()
+                bad_ranks = [r for r in range(world_size) if stats[r] > 0]
+                # Gradients are identical on all ranks after DDP's allreduce, so this test
+                # gives the same answer everywhere.
+                if bad_ranks or not _gradients_finite(model):
+                    raise NonFiniteError(
+                        _non_finite_message(
+                            bad_ranks, epoch, step, global_step, optimizer.param_groups[0]["lr"]
+                        )
                     )
-                    loss_sum += torch.tensor(
-                        [loss.item() * len(ids), len(ids)], dtype=torch.float64
-                    )
-            rank_samples = int(seen[0].item())
-            totals = torch.cat([seen, loss_sum]).to(device)
+                events.at(epoch, step, "optimizer")
+                if t.grad_clip_norm > 0:
+                    clip_gradients(model, t.grad_clip_norm)
+                optimizer.step()
+                scheduler.step()
+                ids_f = ids.astype(np.float64)
+                seen += (len(ids), ids_f.sum(), (ids_f * ids_f).sum())
+                loss_total += (float(stats[world_size]), float(stats[world_size + 1]))
+                events.at(epoch, step + 1, "read")
+                asked = time.perf_counter()
+            if step + 1 != steps:
+                raise TrainingError(
+                    f"epoch {epoch}: rank {rank} read {step + 1} batches, the shard plan "
+                    f"promised {steps}; the shards changed after the plan was made"
+                )
+            events.at(epoch, steps, "allreduce")
+            totals = torch.tensor(seen, dtype=torch.float64).to(device)
             all_reduce(totals)
             totals = totals.cpu()
-            train_loss = float(totals[3] / max(totals[4], 1))
-            if not math.isfinite(train_loss):
-                # Every rank sees the same summed loss, so all stop here together.
-                raise TrainingError(
-                    f"epoch {epoch}: the training loss is {train_loss}; lower "
-                    f"train.learning_rate (now {spec.learning_rate}) or check the shards for "
-                    "extreme values"
-                )
-            validation = _validate(spec, model, rank, world_size, epoch, device)
+            train_loss = loss_total[0] / max(loss_total[1], 1)
+            events.at(epoch, steps, "validation")
+            validation = _validate(spec, model, rank, world_size, device, events, epoch)
             elapsed = time.perf_counter() - started
             record = {
                 "epoch": epoch,
                 "train_loss": train_loss,
                 **validation,
+                "learning_rate": optimizer.param_groups[0]["lr"],
                 "samples": int(totals[0]),
                 "sample_id_sum": float(totals[1]),
                 "sample_id_square_sum": float(totals[2]),
-                "rank_samples": rank_samples,
+                "rank_samples": int(seen[0]),
+                "steps": steps,
                 "seconds": elapsed,
+                "data_wait_seconds": waited,
             }
+            # The metrics are sums over all ranks, so every rank takes the same decision.
+            stop = stopper.update(epoch, record)
+            record["best_epoch"] = stopper.best_epoch
             history.append(record)
             if rank == 0:
+                events.send(type="epoch", epochs=t.epochs, **record)
+            if stopper.improved and t.early_stopping.patience > 0:
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            if stop:
                 log.info(
-                    "rank 0/%d epoch %d: train loss %.4f, %s, %d samples in %.1f s",
-                    world_size,
+                    "early stopping after epoch %d: %s has not improved for %d epochs",
                     epoch,
-                    record["train_loss"],
-                    validation_summary(model_spec.task, record),
-                    record["samples"],
-                    elapsed,
+                    t.early_stopping.metric,
+                    t.early_stopping.patience,
                 )
+                break
+        if best_state is not None:
+            model.load_state_dict(best_state)
         result = {
             "rank": rank,
             "world_size": world_size,
             "backend": backend,
             "torch_threads": threads,
             "history": history,
+            "stopped_early": len(history) < t.epochs,
+            "best_epoch": stopper.best_epoch,
             "weights_digest": weights_digest(model),
         }
         if rank == 0:
+            events.at(len(history) - 1, steps, "saving")
             save_model(Path(spec.model_path), model_spec, state_to_bytes(model))
+        completed = True
         return result
     finally:
         # DDP's Reducer holds the process group: release it first, see shut_down().
         ddp = optimizer = model = None
-        shut_down(spec.timeout_s)
+        events.at(events.epoch, events.step, "teardown")
+        # After a failure the driver already knows why; do not keep the task for long.
+        shut_down(spec.train.timeout_s if completed else FAILED_TEARDOWN_S)
+
+
+def collective_timeout(timeout_s: float) -> float:
+    """Longer than the driver's no-progress bound, so that the driver, which knows which
+    rank stalled, normally acts first; the collective timeout remains the backstop when
+    the driver itself is gone."""
+    return timeout_s * 1.25 + 10
+
+
+def _inject_fault(fault, rank: int, global_step: int) -> str | None:
+    """train.fault: the test hook that proves failures end the job and say why."""
+    if fault is None or fault.rank != rank or fault.step != global_step:
+        return None
+    log.warning("injecting fault '%s' at global step %d", fault.kind, global_step)
+    if fault.kind == "raise":
+        raise RuntimeError(f"injected fault at rank {rank}, global step {global_step}")
+    if fault.kind == "exit":
+        os._exit(3)
+    if fault.kind == "sleep":
+        time.sleep(fault.seconds)
+    return fault.kind
+
+
+def _gradients_finite(model) -> bool:
+    import torch
+
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
+
+
+def _non_finite_message(
+    bad_ranks: list[int], epoch: int, step: int, global_step: int, lr: float
+) -> str:
+    where = f"epoch {epoch}, step {step} (global step {global_step}), learning rate {lr:.4g}"
+    if bad_ranks:
+        what = f"the loss of rank{'s' if len(bad_ranks) > 1 else ''} {bad_ranks} is not finite"
+    else:
+        what = "the averaged gradient is not finite (every rank's loss was)"
+    return (
+        f"{what} at {where}; all ranks stopped together. Lower train.learning_rate, set "
+        "train.grad_clip_norm, or look for extreme values in the shards"
+    )
 
 
 # NOTE [gloo teardown]: torch 2.13's ProcessGroupGloo destructor joins its worker
@@ -265,6 +388,7 @@ def _train(spec: TaskSpec, context) -> dict:
 # destroyed only after a pause without the GIL, and a watchdog ends the Python worker
 # if teardown still hangs, so Spark fails the task instead of waiting forever.
 EXIT_TEARDOWN_HUNG = 70
+FAILED_TEARDOWN_S = 15.0
 _finished_work: list = []
 
 
@@ -275,7 +399,13 @@ def all_reduce(tensor) -> None:
 
     work = dist.all_reduce(tensor, async_op=True)
     work.wait()
+    _keep(work)
+
+
+def _keep(work) -> None:
     _finished_work.append(work)
+    # Long finished ones are safe to drop here, on this thread.
+    del _finished_work[:-64]
 
 
 def shut_down(timeout_s: float) -> None:
@@ -307,17 +437,6 @@ def shut_down(timeout_s: float) -> None:
         watchdog.cancel()
 
 
-def _optimizer(spec: TaskSpec, params):
-    import torch
-
-    if spec.optimizer == "sgd":
-        return torch.optim.SGD(
-            params, lr=spec.learning_rate, momentum=0.9, weight_decay=spec.weight_decay
-        )
-    cls = torch.optim.AdamW if spec.optimizer == "adamw" else torch.optim.Adam
-    return cls(params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
-
-
 def validation_summary(task: str, record: dict) -> str:
     """The validation part of an epoch's log line."""
     if task == "regression":
@@ -331,21 +450,36 @@ def validation_summary(task: str, record: dict) -> str:
     )
 
 
-def _validate(spec: TaskSpec, model, rank: int, world_size: int, epoch: int, device) -> dict:
+def _validate(spec: TaskSpec, model, rank: int, world_size: int, device, events, epoch) -> dict:
     """The validation split's mean loss (the training loss, so the two compare) and
-    accuracy (classification) or RMSE in the target's own unit (regression); each rank
-    scores its share, allreduce sums."""
+    accuracy and ROC AUC (binary), accuracy (multiclass) or RMSE in the target's own
+    unit (regression). Each rank scores its share of the plan; sums are allreduced, and
+    for the AUC the scores themselves are gathered, so every rank holds the same numbers
+    and takes the same early-stopping decision."""
     import torch
 
+    from sparknet.train.data import iterate_rank
     from sparknet.train.model import predict, task_loss
+    from sparknet.train.optim import binary_auc
 
-    model_spec = spec.model
+    model_spec, plan = spec.model, spec.validation_plan
     model.eval()
     # loss * n, then correct predictions (classification) or squared error in the
     # original unit (regression), then n
     sums = torch.zeros(3, dtype=torch.float64)
+    scores, labels = [], []
     with torch.no_grad():
-        for _, x, y in spec.share(spec.validation_path, rank, world_size, epoch, shuffle=False):
+        batches = iterate_rank(
+            plan,
+            rank,
+            0,
+            spec.train.seed,
+            model_spec.columns,
+            shuffle=False,
+            prefetch_row_groups=spec.train.prefetch_row_groups,
+        )
+        for index, (_, x, y) in enumerate(batches):
+            events.at(epoch, index, "validation")
             output = model(torch.from_numpy(x).to(device)).cpu().double()
             target = torch.from_numpy(y).double()
             loss = task_loss(model_spec, output, target, reduction="sum")
@@ -357,7 +491,10 @@ def _validate(spec: TaskSpec, model, rank: int, world_size: int, epoch: int, dev
             else:
                 # The logit's sign, not sigmoid > 0.5, which rounds tiny logits to 0.5.
                 quality = ((output.squeeze(1) > 0).double() == target).sum()
+                scores.append(output.squeeze(1))
+                labels.append(target)
             sums += torch.tensor([loss.item(), quality.item(), len(y)], dtype=torch.float64)
+    events.at(epoch, -1, "allreduce")
     sums = sums.to(device)
     all_reduce(sums)
     sums = sums.cpu()
@@ -367,5 +504,26 @@ def _validate(spec: TaskSpec, model, rank: int, world_size: int, epoch: int, dev
         result["validation_rmse"] = math.sqrt(float(sums[1]) / n)
     else:
         result["validation_accuracy"] = float(sums[1]) / n
+    if model_spec.task == "binary":
+        every_score = _gather(torch.cat(scores), plan, world_size, device)
+        every_label = _gather(torch.cat(labels), plan, world_size, device)
+        result["validation_auc"] = binary_auc(every_score.numpy(), every_label.numpy())
     result["validation_rows"] = int(sums[2])
     return result
+
+
+def _gather(values, plan, world_size: int, device):
+    """Every rank's 1-d float64 `values`, concatenated in rank order; the plan says how
+    many each rank holds, so only the padded tensors travel."""
+    import torch
+    import torch.distributed as dist
+
+    sizes = [plan.rank_rows(r) for r in range(world_size)]
+    width = max(sizes)
+    padded = torch.zeros(width, dtype=torch.float64)
+    padded[: len(values)] = values
+    parts = [torch.zeros(width, dtype=torch.float64, device=device) for _ in sizes]
+    work = dist.all_gather(parts, padded.to(device), async_op=True)
+    work.wait()
+    _keep(work)
+    return torch.cat([p.cpu()[:n] for p, n in zip(parts, sizes, strict=True)])
