@@ -25,7 +25,7 @@ from conftest import small_training_config, synthetic_config_dict
 from sparknet.errors import TrainingError
 from sparknet.run_dir import RunDir, read_json
 from sparknet.train.data import iterate_rank
-from sparknet.train.launcher import make_plans, process_running, train
+from sparknet.train.launcher import make_plans, preflight, process_running, train
 from sparknet.train.model import build_mlp, load_model_files, model_from_bytes, task_loss
 from sparknet.train.optim import make_optimizer
 
@@ -230,3 +230,47 @@ def test_two_runs_at_once_with_port_29500_taken(tmp_path):
         assert run.returncode == 0, output[-3000:]
     digests = [read_json(r.train_report)["weights_digest"] for r in run_dirs]
     assert digests[0] != digests[1]  # different data: two real, separate trainings
+
+
+class FakeContext:
+    """What preflight reads from a SparkContext, for settings a running local session
+    cannot change (dynamic allocation, GPU resources, task cpus)."""
+
+    def __init__(self, conf: dict, parallelism: int, master="spark://127.0.0.1:7077"):
+        self._conf, self.defaultParallelism, self.master = conf, parallelism, master
+
+    def getConf(self):
+        return self
+
+    def get(self, key, default=None):
+        return self._conf.get(key, default)
+
+
+class FakeSession:
+    def __init__(self, conf: dict, parallelism: int):
+        self.sparkContext = FakeContext(conf, parallelism)
+
+
+@pytest.mark.parametrize(
+    "conf, parallelism, device, message",
+    [
+        ({}, 1, "cpu", r"train.workers=2 needs 2 concurrent task slots, but master .* offers 1"),
+        (
+            {"spark.task.cpus": "2"},
+            2,
+            "cpu",
+            r"offers 1 \(2 cores / spark.task.cpus=2\)",
+        ),
+        (
+            {"spark.dynamicAllocation.enabled": "true"},
+            4,
+            "cpu",
+            r"Spark refuses barrier stages with dynamic allocation",
+        ),
+        ({}, 4, "cuda", r"train.device=cuda but spark.task.resource.gpu.amount is not set"),
+    ],
+    ids=["slots", "task-cpus", "dynamic-allocation", "cuda-without-gpus"],
+)
+def test_preflight_refuses_in_one_message(conf, parallelism, device, message):
+    with pytest.raises(TrainingError, match=message):
+        preflight(FakeSession(conf, parallelism), 2, device)

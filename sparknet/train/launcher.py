@@ -105,7 +105,14 @@ def preflight(spark: SparkSession, workers: int, device: str) -> None:
     or leave a barrier stage waiting for slots."""
     sc = spark.sparkContext
     conf = sc.getConf()
-    if device == "cuda" and not conf.get("spark.task.resource.gpu.amount", None):
+    gpus_per_task = conf.get("spark.task.resource.gpu.amount", None)
+    if device == "cpu" and gpus_per_task:
+        log.warning(
+            "train.device=cpu but spark.task.resource.gpu.amount=%s: the training tasks "
+            "hold GPUs they will not use",
+            gpus_per_task,
+        )
+    if device == "cuda" and not gpus_per_task:
         raise TrainingError(
             "train.device=cuda but spark.task.resource.gpu.amount is not set: Spark would "
             "give the training tasks no GPU; set it (and the executor GPU resources) or use "
