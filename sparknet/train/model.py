@@ -16,7 +16,13 @@ from torch import nn
 
 from sparknet.errors import RunDirError
 
-ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
+ACTIVATIONS = {
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+    "silu": nn.SiLU,
+}
 TASKS = ("binary", "multiclass", "regression")
 
 
@@ -35,6 +41,8 @@ class ModelSpec:
     # taken from the train split; predict() undoes it.
     target_mean: float = 0.0
     target_std: float = 1.0
+    # False for every model.json written before batch norm existed.
+    batch_norm: bool = False
 
     def __post_init__(self):
         problem = self.problem()
@@ -42,6 +50,8 @@ class ModelSpec:
             raise ValueError(f"inconsistent ModelSpec: {problem}")
 
     def problem(self) -> str | None:
+        if self.activation not in ACTIVATIONS:
+            return f"activation={self.activation!r} is not one of {', '.join(ACTIVATIONS)}"
         if self.task not in TASKS:
             return f"task={self.task!r} is not one of {', '.join(TASKS)}"
         if self.task == "multiclass":
@@ -65,11 +75,18 @@ class ModelSpec:
 
 def build_mlp(spec: ModelSpec) -> nn.Sequential:
     """(batch, n_inputs) float32 -> (batch, n_outputs) raw outputs: the positive class's
-    logit (binary), one logit per class (multiclass), the standardised target (regression)."""
+    logit (binary), one logit per class (multiclass), the standardised target (regression).
+    With batch_norm, a forward pass in training mode refuses a batch of one row: it has no
+    spread to normalise by."""
     layers: list[nn.Module] = []
     width = spec.n_inputs
     for hidden in spec.hidden:
-        layers += [nn.Linear(width, hidden), ACTIVATIONS[spec.activation]()]
+        # Batch norm subtracts the batch mean right after, which cancels any bias the
+        # Linear layer adds: its shift parameter takes the bias's place.
+        layers.append(nn.Linear(width, hidden, bias=not spec.batch_norm))
+        if spec.batch_norm:
+            layers.append(nn.BatchNorm1d(hidden))
+        layers.append(ACTIVATIONS[spec.activation]())
         if spec.dropout > 0:
             layers.append(nn.Dropout(spec.dropout))
         width = hidden
