@@ -116,14 +116,6 @@ def task_spec(config: Config, run_dir: RunDir, model: ModelSpec) -> TaskSpec:
 def preflight(spark: SparkSession, workers: int, device: str, manifest: dict) -> None:
     """Refuse now, with the knob to change, what would otherwise fail inside the tasks
     or leave a barrier stage waiting for slots."""
-    for split in ("train", "validation"):
-        groups = manifest["splits"][split]["row_groups"]
-        if groups < workers:
-            raise TrainingError(
-                f"the {split} shards have {groups} row groups, fewer than train.workers="
-                f"{workers}: some ranks would get no data; rerun the shard stage with this "
-                "config (it writes at least train.workers row groups per split)"
-            )
     sc = spark.sparkContext
     conf = sc.getConf()
     if device == "cuda" and not conf.get("spark.task.resource.gpu.amount", None):
