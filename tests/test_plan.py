@@ -115,10 +115,13 @@ def test_one_row_group_serves_three_ranks(tmp_path):
     assert not np.array_equal(first, second)
 
 
-def test_an_empty_parquet_file_is_skipped(tmp_path):
+def test_empty_parquet_files_are_skipped(tmp_path):
     n = write_files(tmp_path, [50, 70])
-    # An empty upstream partition: a file with the schema and no rows.
-    pq.write_table(table_of(np.arange(0, dtype=np.int64)), tmp_path / "part-00002.parquet")
+    # An empty upstream partition, both ways a writer leaves one: a row group of no rows,
+    # and no row group at all.
+    empty = table_of(np.arange(0, dtype=np.int64))
+    pq.write_table(empty, tmp_path / "part-00002.parquet")
+    pq.ParquetWriter(tmp_path / "part-00003.parquet", empty.schema).close()
     groups = read_row_groups(tmp_path)
     assert [g.rows for g in groups] == [50, 70]
     plan = make_plan(groups, 3, 8)
