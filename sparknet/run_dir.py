@@ -12,6 +12,7 @@ run alone given the folder the previous stages wrote.
       pca_scree.png        features: scree plot (per-component and cumulative variance, k)
       shards/{train,validation,test}/   shard: Petastorm-readable Parquet
       shards.json          shard: rows and row groups per split
+      train/plan.json      train: the shard plan (each rank's rows and batches per epoch)
       model/               train: model.pt (state_dict) + model.json (architecture)
       train.json           train: per-epoch history, per-rank sample accounting
       metrics.json         evaluate: test metrics and baselines
@@ -83,6 +84,15 @@ class RunDir:
         return self.root / "shards.json"
 
     @property
+    def train_dir(self) -> Path:
+        """What training keeps besides the model and its report."""
+        return self.root / "train"
+
+    @property
+    def shard_plan(self) -> Path:
+        return self.train_dir / "plan.json"
+
+    @property
     def model(self) -> Path:
         return self.root / "model"
 
@@ -102,7 +112,7 @@ class RunDir:
             "clean": [self.clean, self.rejects, self.quality],
             "features": [self.features, self.feature_pipeline, self.pca, self.pca_scree],
             "shard": [self.shards, self.shards_manifest],
-            "train": [self.model, self.train_report],
+            "train": [self.train_dir, self.model, self.train_report],
             "evaluate": [self.metrics],
         }[stage]
 

@@ -7,8 +7,10 @@ Layout per split (<run-dir>/shards/<split>/part-*.parquet):
                        columns column-wise; array columns would be read row by row)
 
 Each file holds one row group of about n / ceil(n / `shard.rows_per_row_group`) rows;
-files are contiguous sample_id ranges of near-equal size, no file is empty, and every split has
-at least `train.workers` row groups so every training rank gets data.
+files are contiguous sample_id ranges of near-equal size and no file is empty. How many
+row groups there are does not depend on `train.workers`: training's shard plan
+(sparknet/train/plan.py) splits row groups between ranks where it must. Every split
+needs at least `train.workers` rows, so that every rank has some.
 """
 
 from __future__ import annotations
@@ -71,22 +73,16 @@ def write_split(
     out: Path,
     k: int,
     rows_per_group: int,
-    min_groups: int,
+    workers: int,
     key: list[str],
     seed: int,
 ) -> dict:
     n = df.count()
     if n == 0:
         raise DataError(f"shard: split {out.name} has no rows; check split.validation/split.test")
-    if n < min_groups:
-        raise DataError(
-            f"shard: split {out.name} has {n} rows, fewer than train.workers={min_groups}"
-        )
-    groups = max(min_groups, math.ceil(n / rows_per_group))
-    # Whole multiples of the worker count let round-robin dealing give every rank the
-    # same number of row groups.
-    groups = math.ceil(groups / min_groups) * min_groups
-    groups = min(groups, n)
+    if n < workers:
+        raise DataError(f"shard: split {out.name} has {n} rows, fewer than train.workers={workers}")
+    groups = math.ceil(n / rows_per_group)
 
     shuffle_key = F.xxhash64(F.lit(seed), *[F.col(c) for c in key])
     ided = with_dense_ids(df, [shuffle_key, *[F.col(c) for c in key]])

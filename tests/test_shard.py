@@ -1,4 +1,7 @@
-"""Shards: dense ids, float32 columns, balanced non-empty row groups, Petastorm-readable."""
+"""Shards: dense ids, float32 columns, balanced non-empty row groups, readable by the
+shard plan's Petastorm reader."""
+
+import math
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -8,7 +11,8 @@ from conftest import synthetic_clean, synthetic_config
 from sparknet.features import fit_and_project
 from sparknet.run_dir import SPLITS, RunDir, read_json
 from sparknet.shard import shard
-from sparknet.train.data import iterate_row_groups
+from sparknet.train.data import iterate_rank
+from sparknet.train.plan import make_plan, read_row_groups
 
 
 @pytest.fixture(scope="module")
@@ -30,12 +34,12 @@ def test_manifest_matches_the_files(sharded):
     for split in SPLITS:
         info = manifest["splits"][split]
         assert info["rows"] == pca["rows_by_split"][split]
-        assert info["row_groups"] >= config.train.workers
+        # As many row groups as rows_per_row_group asks for, whatever train.workers is.
+        assert info["row_groups"] == math.ceil(info["rows"] / 300)
         files = sorted(run_dir.shard(split).glob("*.parquet"))
         assert len(files) == info["files"] == info["row_groups"]  # one row group per file
         assert all(pq.ParquetFile(f).metadata.num_rows > 0 for f in files)
     train = manifest["splits"]["train"]
-    assert train["row_groups"] % config.train.workers == 0
     assert train["rows_per_row_group"]["max"] - train["rows_per_row_group"]["min"] <= 0.2 * 300
 
 
@@ -56,30 +60,16 @@ def test_columns_are_float32_and_ids_dense(sharded):
 def test_two_ranks_read_every_row_exactly_once(sharded):
     run_dir, _, manifest = sharded
     n = manifest["splits"]["train"]["rows"]
+    plan = make_plan(read_row_groups(run_dir.shard("train")), 2, 128)
     for epoch in (0, 1):
         per_rank = [
             np.concatenate(
-                [
-                    ids
-                    for ids, _, _ in iterate_row_groups(
-                        run_dir.shard("train"),
-                        manifest["columns"],
-                        rank,
-                        2,
-                        seed=5,
-                        epoch=epoch,
-                        prefetch_row_groups=2,
-                    )
-                ]
+                [ids for ids, _, _ in iterate_rank(plan, rank, epoch, 5, manifest["columns"])]
             )
             for rank in (0, 1)
         ]
-        assert not set(per_rank[0]) & set(per_rank[1])
         np.testing.assert_array_equal(np.sort(np.concatenate(per_rank)), np.arange(n))
-        assert (
-            abs(len(per_rank[0]) - len(per_rank[1]))
-            <= manifest["splits"]["train"]["rows_per_row_group"]["max"]
-        )
+        assert abs(len(per_rank[0]) - len(per_rank[1])) <= 1
 
 
 def test_resharding_is_deterministic(spark, sharded):

@@ -8,7 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sparknet.stack import stack_report
-from sparknet.train.data import iterate_row_groups
+from sparknet.train.data import iterate_rank
+from sparknet.train.plan import make_plan, read_row_groups
 
 EXPECTED = {
     "pyspark": "4.0.",
@@ -76,9 +77,8 @@ def test_torch_gloo_and_petastorm_read_parquet(tmp_path):
     )
     pq.write_table(table, tmp_path / "part-0.parquet", row_group_size=300)
     seen = []
-    for ids, x, y in iterate_row_groups(
-        tmp_path, ["pc_000"], rank=0, world_size=1, seed=1, epoch=0, prefetch_row_groups=2
-    ):
+    plan = make_plan(read_row_groups(tmp_path), world_size=1, batch_size=128)
+    for ids, x, y in iterate_rank(plan, rank=0, epoch=0, seed=1, columns=["pc_000"]):
         assert x.dtype == np.float32 and x.shape == (len(ids), 1)
         np.testing.assert_array_equal(y, (ids % 2).astype(np.float32))
         seen.extend(ids.tolist())
