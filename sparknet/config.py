@@ -192,7 +192,8 @@ class ShardConfig:
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    """The learning rate per optimizer step: a linear warm-up from 0 over `warmup_steps`,
+    """The learning rate per optimizer step: a linear warm-up over the first `warmup_steps`
+    (step k at (k + 1) / warmup_steps of the rate),
     then constant, multiplied by `gamma` every `step_epochs` epochs (step), or a cosine
     from train.learning_rate down to `min_learning_rate` at the last step (cosine)."""
 

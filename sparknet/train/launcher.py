@@ -85,6 +85,7 @@ def build_model_spec(config: Config, columns: list[str], train_labels: dict) -> 
         "hidden": list(t.hidden),
         "activation": t.activation,
         "dropout": t.dropout,
+        "batch_norm": t.batch_norm,
         "task": label.task,
     }
     if label.task == "multiclass":
