@@ -629,6 +629,8 @@ def _check(c: Config) -> None:
 
 
 def _check_train(t: TrainConfig, w: str) -> None:
+    if t.seed < 0:
+        raise ConfigError(f"{w}: train.seed: must be >= 0 (numpy seeds), got {t.seed}")
     for key in ("momentum", "weight_decay", "l1", "l2", "grad_clip_norm"):
         value = getattr(t, key)
         if not (math.isfinite(value) and value >= 0):

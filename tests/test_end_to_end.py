@@ -12,7 +12,8 @@ import yaml
 
 from conftest import REPO
 from sparknet.run_dir import RunDir, read_json
-from sparknet.train.data import iterate_row_groups
+from sparknet.train.data import iterate_rank
+from sparknet.train.plan import ShardPlan
 
 pytestmark = pytest.mark.slow
 
@@ -74,15 +75,9 @@ def test_ranks_read_every_shard_row_once_and_end_identical(pipeline_run):
     run_dir, _, _, _ = pipeline_run
     shards = read_json(run_dir.shards_manifest)
     n_train = shards["splits"]["train"]["rows"]
+    plan = ShardPlan.from_json(read_json(run_dir.shard_plan)["train"])
     per_rank = [
-        np.concatenate(
-            [
-                ids
-                for ids, _, _ in iterate_row_groups(
-                    run_dir.shard("train"), shards["columns"], rank, 2, seed=13, epoch=0
-                )
-            ]
-        )
+        np.concatenate([ids for ids, _, _ in iterate_rank(plan, rank, 0, 13, shards["columns"])])
         for rank in (0, 1)
     ]
     np.testing.assert_array_equal(np.sort(np.concatenate(per_rank)), np.arange(n_train))

@@ -107,12 +107,12 @@ def test_too_many_workers_fails_before_launch(spark, shards):
         train(spark, small_training_config(workers=3), shards)
 
 
-def test_a_failing_rank_fails_the_job_with_its_message(spark, shards):
+def test_shards_without_a_model_column_are_refused_before_launch(spark, shards):
     manifest = read_json(shards.shards_manifest)
     manifest["columns"] = manifest["columns"] + ["pc_missing"]
     write_json(shards.shards_manifest, manifest)
     with pytest.raises(
-        TrainingError, match=r"rank \d \(pid \d+ on .*\) failed: AttributeError.*pc_missing"
+        TrainingError, match=r"part-00000.parquet lacks column\(s\) \['pc_missing'\]"
     ):
         train(spark, small_training_config(workers=2, timeout_s=30), shards)
     assert not (shards.model / "model.pt").exists()

@@ -2,9 +2,6 @@
 
 `iterate_rank` follows the shard plan (sparknet/train/plan.py): the rank's slices of
 row groups, cut into exactly the batches the plan lists, the same number on every rank.
-`iterate_row_groups` is the older reader, which lets Petastorm deal whole row groups to
-ranks round-robin (`cur_shard`/`shard_count`), so shares differ by up to a row group;
-it stays, with `rebatch`, until the training loop in worker.py reads with `iterate_rank`.
 
 NOTE [petastorm thread pool]: petastorm 0.13.1's "thread" reader pool can end a
 reader before it has read anything: ThreadPool.get_results checks "all workers done"
@@ -278,74 +275,3 @@ def _cut_batches(parts: Iterator[Batch], sizes: list[int], where: str) -> Iterat
             f"{where}: read {sum(sizes[:step]) + held} rows, the shard plan expects "
             f"{sum(sizes)} in {len(sizes)} batches; the shards changed after the plan was made"
         )
-
-
-def iterate_row_groups(
-    path: str | Path,
-    columns: list[str],
-    rank: int,
-    world_size: int,
-    seed: int,
-    epoch: int,
-    prefetch_row_groups: int = 2,
-    shuffle: bool = True,
-) -> Iterator[Batch]:
-    """This rank's row groups for one epoch, read `prefetch_row_groups` ahead: yields
-    (sample_id int64 (n,), features float32 (n, k), label float32 (n,)) per row group,
-    converting column-wise."""
-
-    def read() -> Iterator[Batch]:
-        quiet_reader_warnings()
-        from petastorm import make_batch_reader
-
-        url = dataset_url(path)
-        reader = make_batch_reader(
-            url,
-            filesystem=local_filesystem() if url.startswith("file://") else None,
-            cur_shard=rank,
-            shard_count=world_size,
-            num_epochs=1,
-            shuffle_row_groups=shuffle,
-            seed=seed + epoch,
-            reader_pool_type="dummy",
-        )
-        rng = np.random.default_rng(seed + epoch)
-        try:
-            for batch in reader:
-                # Copies: Arrow's buffers are read-only, and torch wants writable arrays.
-                ids = np.array(getattr(batch, SAMPLE_ID), dtype=np.int64)
-                x = np.column_stack([getattr(batch, c) for c in columns]).astype(
-                    np.float32, copy=False
-                )
-                y = np.array(getattr(batch, LABEL), dtype=np.float32)
-                if shuffle:
-                    order = rng.permutation(len(ids))
-                    ids, x, y = ids[order], x[order], y[order]
-                yield ids, x, y
-        finally:
-            # Not `with reader`: its exit prints "Cache cleanup complete." to stdout.
-            reader.stop()
-            reader.join()
-
-    return prefetch(read(), prefetch_row_groups)
-
-
-def rebatch(groups: Iterator[Batch], batch_size: int) -> Iterator[Batch]:
-    """Cuts a stream of row groups into batches of `batch_size`; the short last batch of
-    an epoch is kept, not dropped or padded, so every sample is trained on once."""
-    pending: list[Batch] = []
-    held = 0
-    for group in groups:
-        pending.append(group)
-        held += len(group[0])
-        if held < batch_size:
-            continue
-        ids, x, y = (np.concatenate(parts) for parts in zip(*pending, strict=True))
-        cut = (len(ids) // batch_size) * batch_size
-        for start in range(0, cut, batch_size):
-            stop = start + batch_size
-            yield ids[start:stop], x[start:stop], y[start:stop]
-        pending = [(ids[cut:], x[cut:], y[cut:])] if cut < len(ids) else []
-        held = len(ids) - cut
-    if held:
-        yield tuple(np.concatenate(parts) for parts in zip(*pending, strict=True))  # type: ignore[misc]

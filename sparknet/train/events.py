@@ -151,6 +151,10 @@ class EventServer:
                     state.changed_at = time.monotonic()
             elif kind == "log":
                 state.lines.append(event["line"])
+                position = (event["epoch"], event["step"], event["phase"])
+                if position != (state.epoch, state.step, state.phase):
+                    state.epoch, state.step, state.phase = position
+                    state.changed_at = time.monotonic()
             elif kind == "error":
                 state.error = event
                 state.error_at = time.monotonic()
@@ -288,7 +292,13 @@ class EventClient:
                 pass  # the driver is gone; Spark is ending this task anyway
 
     def at(self, epoch: int, step: int, phase: str) -> None:
+        """Where this rank is. A new step is sent at once (one small message per step),
+        so a rank that dies between heartbeats is still placed exactly; phase changes
+        within a step ride on the next heartbeat."""
+        moved = (epoch, step) != (self.epoch, self.step)
         self.epoch, self.step, self.phase = epoch, step, phase
+        if moved:
+            self.send(type="progress", epoch=epoch, step=step, phase=phase)
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
@@ -323,7 +333,13 @@ class EventClient:
                 except Exception:  # a bad format string must not kill training
                     line = record.getMessage()
                 client.send(
-                    type="log", level=record.levelno, line=line, message=record.getMessage()
+                    type="log",
+                    level=record.levelno,
+                    line=line,
+                    message=record.getMessage(),
+                    epoch=client.epoch,
+                    step=client.step,
+                    phase=client.phase,
                 )
 
         return Forward()

@@ -14,13 +14,14 @@ import threading
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 from sparknet.config import Config
 from sparknet.errors import TrainingError
 from sparknet.run_dir import RunDir, read_json, write_json
-from sparknet.shard import LABEL
+from sparknet.shard import LABEL, SAMPLE_ID
 from sparknet.train.events import EventServer
 from sparknet.train.model import ModelSpec, load_model_files, model_from_bytes
 from sparknet.train.plan import ShardPlan, make_plan, read_row_groups
@@ -173,6 +174,18 @@ def make_plans(config: Config, run_dir: RunDir) -> tuple[ShardPlan, ShardPlan]:
     return plans
 
 
+def check_shard_columns(plan: ShardPlan, wanted: list[str]) -> None:
+    """Every file the ranks will read holds the columns the model reads: found here, a
+    mismatch is one message naming the file; found in a task, an AttributeError."""
+    for path in sorted({g.path for g in plan.groups}):
+        names = set(pq.read_schema(path).names)
+        missing = [c for c in wanted if c not in names]
+        if missing:
+            raise TrainingError(
+                f"{path} lacks column(s) {missing} that shards.json lists; rerun the shard stage"
+            )
+
+
 def driver_address(spark: SparkSession) -> tuple[str, str]:
     """(address executors use to reach the driver, address to bind on the driver)."""
     conf = spark.sparkContext.getConf()
@@ -293,6 +306,8 @@ def train(spark: SparkSession, config: Config, run_dir: RunDir) -> dict:
     check_labels(config, "validation", label_summary(spark, str(run_dir.shard("validation"))))
     model_spec = build_model_spec(config, columns, train_labels)
     train_plan, validation_plan = make_plans(config, run_dir)
+    for plan in (train_plan, validation_plan):
+        check_shard_columns(plan, [*columns, LABEL, SAMPLE_ID])
     host, bind = driver_address(spark)
 
     started = time.perf_counter()

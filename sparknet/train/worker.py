@@ -228,6 +228,7 @@ def _train(spec: TaskSpec, context, events: EventClient) -> dict:
                 model_spec.columns,
                 shuffle=True,
                 prefetch_row_groups=t.prefetch_row_groups,
+                reader_threads=threads,
             )
             step = -1
             asked = time.perf_counter()
@@ -489,6 +490,7 @@ def _validate(spec: TaskSpec, model, rank: int, world_size: int, device, events,
             model_spec.columns,
             shuffle=False,
             prefetch_row_groups=spec.train.prefetch_row_groups,
+            reader_threads=torch.get_num_threads(),
         )
         for index, (_, x, y) in enumerate(batches):
             events.at(epoch, index, "validation")
