@@ -457,10 +457,13 @@ def validation_summary(task: str, record: dict) -> str:
             f"validation loss {record['validation_loss']:.4f} (standardised MSE), "
             f"RMSE {record['validation_rmse']:.4g}"
         )
-    return (
+    text = (
         f"validation loss {record['validation_loss']:.4f}, "
         f"accuracy {record['validation_accuracy']:.4f}"
     )
+    if "validation_auc" in record:
+        text += f", ROC AUC {record['validation_auc']:.4f}"
+    return text
 
 
 def _validate(spec: TaskSpec, model, rank: int, world_size: int, device, events, epoch) -> dict:
