@@ -70,6 +70,13 @@ def main(stages: Sequence[str], argv: Sequence[str] | None = None) -> int:
         for name in stages:
             set_stage(name)
             stage_started = time.perf_counter()
+            if name == "train":
+                from sparknet.train.launcher import already_trained
+
+                note = already_trained(config, run_dir)
+                if note:
+                    log.info("%s", note)
+                    continue
             removed = run_dir.clear_from(name, list(STAGES))
             if removed:
                 log.info(

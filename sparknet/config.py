@@ -216,15 +216,27 @@ class EarlyStoppingConfig:
 
 
 @dataclass(frozen=True)
+class CheckpointConfig:
+    """Rank 0 saves a checkpoint at the end of every epoch and, when `every_steps` > 0,
+    every that many optimizer steps; the last `keep` are kept (and always the latest one
+    taken at an epoch end, which a relaunch with fewer workers resumes from)."""
+
+    every_steps: int = 0
+    keep: int = 3
+
+
+@dataclass(frozen=True)
 class FaultConfig:
     """A fault injected on purpose, to test that the job fails fast and says why: at
     global optimizer step `step` (counted from 0 across epochs), rank `rank` raises,
-    exits its Python process, sleeps `seconds`, or feeds a NaN into its loss."""
+    exits its Python process, sleeps `seconds`, or feeds a NaN into its loss. Only on
+    launch `attempt` (0: the first), so that a relaunch gets past it."""
 
     kind: str
     rank: int = 0
     step: int = 0
     seconds: float = 3600.0
+    attempt: int = 0
 
 
 @dataclass(frozen=True)
@@ -253,6 +265,10 @@ class TrainConfig:
     # The bound on waiting: a collective that does not complete, or a job in which no
     # rank makes progress, fails after this many seconds.
     timeout_s: float = 120.0
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    # Launches of the barrier stage: after a rank or executor is lost, the driver
+    # relaunches from the latest checkpoint until this many launches have failed.
+    max_attempts: int = 3
     fault: FaultConfig | None = None
 
 
@@ -659,6 +675,12 @@ def _check_train(t: TrainConfig, w: str) -> None:
             f"{w}: train.batch_size: batch_norm needs at least 4 rows per rank batch, got "
             f"{t.batch_size}"
         )
+    if t.checkpoint.every_steps < 0:
+        raise ConfigError(
+            f"{w}: train.checkpoint.every_steps: must be >= 0, got {t.checkpoint.every_steps}"
+        )
+    _positive(f"{w}: train.checkpoint.keep", t.checkpoint.keep)
+    _positive(f"{w}: train.max_attempts", t.max_attempts)
     if t.fault is not None:
         _one_of(f"{w}: train.fault.kind", t.fault.kind, FAULTS)
         if not 0 <= t.fault.rank < t.workers:

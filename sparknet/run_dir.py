@@ -15,6 +15,7 @@ run alone given the folder the previous stages wrote.
       train/plan.json      train: the shard plan (each rank's rows and batches per epoch)
       model/               train: model.pt (state_dict) + model.json (architecture)
       train.json           train: per-epoch history, per-rank sample accounting
+      checkpoints/         train: the latest checkpoints, resumed by a relaunch
       metrics.json         evaluate: test metrics and baselines
 """
 
@@ -91,6 +92,12 @@ class RunDir:
     @property
     def shard_plan(self) -> Path:
         return self.train_dir / "plan.json"
+
+    @property
+    def checkpoints(self) -> Path:
+        """Not among any stage's outputs: a relaunched or rerun train stage resumes from
+        them. Each names the config and shards it belongs to; others are removed."""
+        return self.root / "checkpoints"
 
     @property
     def model(self) -> Path:

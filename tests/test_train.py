@@ -96,12 +96,6 @@ def test_one_rank_trains_too(spark, shards):
     assert report["epochs"][-1]["samples"] == 3_001
 
 
-def test_same_seed_same_model(spark, shards, tmp_path_factory):
-    first = train(spark, small_training_config(workers=2, epochs=2), shards)["weights_digest"]
-    again = train(spark, small_training_config(workers=2, epochs=2), shards)["weights_digest"]
-    assert first == again
-
-
 def test_too_many_workers_fails_before_launch(spark, shards):
     with pytest.raises(TrainingError, match=r"train.workers=3 needs 3 concurrent task slots"):
         train(spark, small_training_config(workers=3), shards)

@@ -130,24 +130,39 @@ def iterate_rank(
     shuffle: bool = True,
     prefetch_row_groups: int = 2,
     reader_threads: int = 1,
+    start_step: int = 0,
 ) -> Iterator[Batch]:
     """This rank's batches for one epoch, exactly `plan.batch_sizes(rank)` of them, in plan
     order: (sample_id int64 (n,), features float32 (n, k), label float32 (n,)).
 
     Row groups are read `prefetch_row_groups` ahead on a background thread; Arrow decodes
     with `reader_threads` threads (see NOTE [reader threads]). For validation, pass
-    shuffle=False and a plan with a large batch size: the rank's share in stored order."""
+    shuffle=False and a plan with a large batch size: the rank's share in stored order.
+    `start_step` resumes mid-epoch: the batches before it are not read at all."""
     if reader_threads < 1:
         raise ValueError(f"reader_threads must be >= 1, got {reader_threads}")
-    slices = plan.rank_slices(rank, epoch, seed, shuffle)
+    sizes = plan.batch_sizes(rank)
+    slices = _skip_rows(plan.rank_slices(rank, epoch, seed, shuffle), sum(sizes[:start_step]))
     parts = prefetch(
         _read_slices(plan, slices, epoch, seed, columns, shuffle, reader_threads),
         prefetch_row_groups,
     )
     try:
-        yield from _cut_batches(parts, plan.batch_sizes(rank), f"rank {rank} epoch {epoch}")
+        yield from _cut_batches(parts, sizes[start_step:], f"rank {rank} epoch {epoch}")
     finally:
         parts.close()
+
+
+def _skip_rows(slices: list[Slice], rows: int) -> list[Slice]:
+    """`slices` without their first `rows` rows."""
+    kept = []
+    for part in slices:
+        if rows >= part.rows:
+            rows -= part.rows
+            continue
+        kept.append(Slice(part.group, part.start + rows, part.stop))
+        rows = 0
+    return kept
 
 
 def _read_slices(

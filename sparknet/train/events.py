@@ -225,6 +225,23 @@ class EventServer:
             return f"no progress for {timeout_s:.0f} s (train.timeout_s): {where}"
         return ""
 
+    def retriable(self) -> bool:
+        """Whether a relaunch may get further: not when the first rank to fail raised a
+        sparknet error (a non-finite loss, shards that changed: it would happen again);
+        yes when a rank crashed, vanished or stalled, or Spark failed on its own."""
+        errors = sorted((s for s in self.snapshot().values() if s.error), key=lambda s: s.error_at)
+        for state in errors:
+            if not _is_consequence(state.error["message"]):
+                return state.error.get("show_traceback", True)
+        return True
+
+    def positions(self) -> dict[int, dict]:
+        """Where each rank was: for the record of a failed launch."""
+        return {
+            r: {"epoch": s.epoch, "step": s.step, "phase": s.phase}
+            for r, s in sorted(self.snapshot().items())
+        }
+
 
 def _is_consequence(message: str) -> bool:
     """Errors a rank raises because a peer failed, not because of its own problem."""

@@ -4,6 +4,9 @@ barrier task per rank, verify what the ranks report, save the model.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
 import math
 import os
@@ -22,6 +25,7 @@ from sparknet.config import Config
 from sparknet.errors import TrainingError
 from sparknet.run_dir import RunDir, read_json, write_json
 from sparknet.shard import LABEL, SAMPLE_ID
+from sparknet.train import checkpoint
 from sparknet.train.events import EventServer
 from sparknet.train.model import ModelSpec, load_model_files, model_from_bytes
 from sparknet.train.plan import ShardPlan, make_plan, read_row_groups
@@ -149,17 +153,20 @@ def python_error(exc: Exception) -> str:
 VALIDATION_BATCH = 8192
 
 
-def make_plans(config: Config, run_dir: RunDir) -> tuple[ShardPlan, ShardPlan]:
+def make_plans(
+    config: Config, run_dir: RunDir, workers: int | None = None
+) -> tuple[ShardPlan, ShardPlan]:
     """The train and validation plans from the shards' footers, written to plan.json."""
     t = config.train
+    workers = workers or t.workers
     plans = (
         make_plan(
             read_row_groups(run_dir.shard("train")),
-            t.workers,
+            workers,
             t.batch_size,
             min_batch=2 if t.batch_norm else 1,
         ),
-        make_plan(read_row_groups(run_dir.shard("validation")), t.workers, VALIDATION_BATCH),
+        make_plan(read_row_groups(run_dir.shard("validation")), workers, VALIDATION_BATCH),
     )
     write_json(
         run_dir.shard_plan,
@@ -184,6 +191,60 @@ def check_shard_columns(plan: ShardPlan, wanted: list[str]) -> None:
             raise TrainingError(
                 f"{path} lacks column(s) {missing} that shards.json lists; rerun the shard stage"
             )
+
+
+def fingerprint(config: Config, manifest: dict) -> str:
+    """What a checkpoint or a finished training belongs to: the training config (less
+    what may change between launches of the same run: workers, timeouts, faults), the
+    label, and the shards."""
+    t = dataclasses.asdict(config.train)
+    for key in ("workers", "timeout_s", "max_attempts", "checkpoint", "fault", "device"):
+        t.pop(key)
+    t.pop("prefetch_row_groups")
+    content = {"train": t, "label": dataclasses.asdict(config.label), "shards": manifest}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def already_trained(config: Config, run_dir: RunDir) -> str | None:
+    """A note when train.json says this config trained on these shards to the end."""
+    if not (run_dir.train_report.exists() and run_dir.shards_manifest.exists()):
+        return None
+    report = read_json(run_dir.train_report)
+    current = fingerprint(config, read_json(run_dir.shards_manifest))
+    if report.get("fingerprint") != current or not (run_dir.model / "model.pt").exists():
+        return None
+    return (
+        f"training already finished for this config and these shards ({run_dir.train_report}, "
+        f"fingerprint {current[:12]}); nothing to do. Remove {run_dir.train_report} to retrain"
+    )
+
+
+def resume_point(directory: str, fingerprint_: str, workers: int) -> tuple[str, dict] | None:
+    """The latest checkpoint of this run; with another world size only one taken at an
+    epoch boundary, since the plan (and so the mid-epoch position) depends on it."""
+    found = checkpoint.latest(directory, fingerprint_)
+    if found and found[1]["world_size"] != workers and found[1]["step"] != 0:
+        found = checkpoint.latest(directory, fingerprint_, epoch_boundary=True)
+    return found
+
+
+def relaunch_workers(spark: SparkSession, wanted: int) -> int:
+    """Ranks for a relaunch: as many as wanted when the slots are there, fewer when
+    executors were lost (the shards are re-planned for them)."""
+    sc = spark.sparkContext
+    slots = sc.defaultParallelism // int(sc.getConf().get("spark.task.cpus", "1"))
+    if slots < 1:
+        raise TrainingError("no task slots left to relaunch training on")
+    if slots < wanted:
+        log.warning("only %d task slots left: relaunching with %d ranks", slots, slots)
+    return min(wanted, slots)
+
+
+def _position(found: tuple[str, dict] | None) -> dict | None:
+    if found is None:
+        return None
+    state = found[1]
+    return {"path": found[0], "epoch": state["epoch"], "step": state["step"]}
 
 
 def driver_address(spark: SparkSession) -> tuple[str, str]:
@@ -221,7 +282,13 @@ class EpochLog:
 CANCEL_WAIT_S = 60.0
 
 
-def run_barrier(spark: SparkSession, spec: TaskSpec, events: EventServer, timeout_s: float):
+def run_barrier(
+    spark: SparkSession,
+    spec: TaskSpec,
+    events: EventServer,
+    timeout_s: float,
+    ranks_file: Path | None = None,
+):
     """Runs one barrier task per rank and waits for them, never longer than `timeout_s`
     without progress from some rank: then the job is cancelled (Spark kills the tasks
     and their Python workers) and the error says which rank stalled where."""
@@ -246,6 +313,17 @@ def run_barrier(spark: SparkSession, spec: TaskSpec, events: EventServer, timeou
     stalled = None
     while thread.is_alive():
         thread.join(timeout=1.0)
+        if ranks_file is not None and len(events.ranks) == workers:
+            # Which process is which rank, for whoever has to look at (or kill) one.
+            ranks = events.snapshot().values()
+            write_json(
+                ranks_file,
+                {
+                    "attempt": spec.attempt,
+                    "ranks": [{"rank": r.rank, "host": r.host, "pid": r.pid} for r in ranks],
+                },
+            )
+            ranks_file = None
         if thread.is_alive() and events.stalled_for() > timeout_s:
             stalled = events.diagnosis(timeout_s)
             log.error("cancelling training: %s", stalled.splitlines()[0])
@@ -258,6 +336,7 @@ def run_barrier(spark: SparkSession, spec: TaskSpec, events: EventServer, timeou
     reason = stalled or events.diagnosis() or python_error(outcome["error"])
     error = TrainingError(f"training failed: {reason}")
     error.rank_pids = [s.pid for s in events.snapshot().values()]
+    error.retriable = events.retriable()
     _wait_for_ranks_to_exit(events)
     raise error
 
@@ -305,34 +384,74 @@ def train(spark: SparkSession, config: Config, run_dir: RunDir) -> dict:
     check_labels(config, "train", train_labels)
     check_labels(config, "validation", label_summary(spark, str(run_dir.shard("validation"))))
     model_spec = build_model_spec(config, columns, train_labels)
-    train_plan, validation_plan = make_plans(config, run_dir)
-    for plan in (train_plan, validation_plan):
-        check_shard_columns(plan, [*columns, LABEL, SAMPLE_ID])
     host, bind = driver_address(spark)
+    run_fingerprint = fingerprint(config, manifest)
+    checkpoints = str(run_dir.checkpoints)
+    for path in checkpoint.clear_stale(checkpoints, run_fingerprint):
+        log.info("removed %s: a checkpoint of another config or other shards", path)
 
     started = time.perf_counter()
-    log.info(
-        "launching %d barrier tasks (one torch rank each): %d epochs of %d steps, %d rows "
-        "per rank (plan %s)",
-        t.workers,
-        t.epochs,
-        train_plan.steps_per_epoch,
-        train_plan.rank_rows(0),
-        train_plan.digest[:12],
-    )
-    with EventServer(bind, t.workers, on_epoch=EpochLog(model_spec.task)) as events:
-        spec = TaskSpec(
-            train_path=str(run_dir.shard("train")),
-            validation_path=str(run_dir.shard("validation")),
-            model_path=str(run_dir.model),
-            model=model_spec,
-            train=t,
-            train_plan=train_plan,
-            validation_plan=validation_plan,
-            events=(host, events.address[1]),
-            token=events.token,
+    attempts: list[dict] = []
+    workers = t.workers
+    for attempt in range(t.max_attempts):
+        if attempt:
+            workers = relaunch_workers(spark, t.workers)
+        train_plan, validation_plan = make_plans(config, run_dir, workers)
+        for plan in (train_plan, validation_plan):
+            check_shard_columns(plan, [*columns, LABEL, SAMPLE_ID])
+        resume = resume_point(checkpoints, run_fingerprint, workers)
+        log.info(
+            "launching %d barrier tasks (one torch rank each): %d epochs of %d steps, %d rows "
+            "per rank (plan %s)%s",
+            workers,
+            t.epochs,
+            train_plan.steps_per_epoch,
+            train_plan.rank_rows(0),
+            train_plan.digest[:12],
+            f"; resuming from {resume[0]} (epoch {resume[1]['epoch']}, step {resume[1]['step']})"
+            if resume
+            else "",
         )
-        results = run_barrier(spark, spec, events, t.timeout_s)
+        with EventServer(bind, workers, on_epoch=EpochLog(model_spec.task)) as events:
+            spec = TaskSpec(
+                train_path=str(run_dir.shard("train")),
+                validation_path=str(run_dir.shard("validation")),
+                model_path=str(run_dir.model),
+                model=model_spec,
+                train=t,
+                train_plan=train_plan,
+                validation_plan=validation_plan,
+                events=(host, events.address[1]),
+                token=events.token,
+                checkpoint_dir=checkpoints,
+                fingerprint=run_fingerprint,
+                resume_from=resume[0] if resume else None,
+                attempt=attempt,
+            )
+            try:
+                results = run_barrier(
+                    spark, spec, events, t.timeout_s, run_dir.train_dir / "ranks.json"
+                )
+                break
+            except TrainingError as exc:
+                attempts.append(
+                    {
+                        "attempt": attempt,
+                        "workers": workers,
+                        "resumed_from": _position(resume),
+                        "error": str(exc).splitlines()[0],
+                        "failed_at": events.positions(),
+                    }
+                )
+                write_json(run_dir.train_dir / "attempts.json", attempts)
+                if not getattr(exc, "retriable", False) or attempt + 1 == t.max_attempts:
+                    raise
+                log.warning(
+                    "attempt %d of %d failed: %s; relaunching from the latest checkpoint",
+                    attempt + 1,
+                    t.max_attempts,
+                    str(exc).splitlines()[0],
+                )
     seconds = time.perf_counter() - started
     results.sort(key=lambda r: r["rank"])
 
@@ -363,6 +482,9 @@ def train(spark: SparkSession, config: Config, run_dir: RunDir) -> dict:
         "seconds": seconds,
         "train_rows": n_train,
         "shard_plan_digest": train_plan.digest,
+        "fingerprint": run_fingerprint,
+        "attempts": attempts,
+        "resumed_from": results[0]["resumed_from"],
         "steps_per_epoch": train_plan.steps_per_epoch,
         "task": model_spec.task,
         "loss": LOSSES[model_spec.task],

@@ -27,7 +27,7 @@ import math
 import os
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -60,6 +60,10 @@ class TaskSpec:
     validation_plan: ShardPlan
     events: tuple[str, int]  # the driver's event server, see events.py
     token: str
+    checkpoint_dir: str  # local path or fsspec URL, see checkpoint.py
+    fingerprint: str  # of the config and shards: checkpoints of anything else are refused
+    resume_from: str | None = None  # the checkpoint this launch continues from
+    attempt: int = 0  # launches before this one
 
 
 def is_loopback(host: str) -> bool:
@@ -156,6 +160,166 @@ def run_rank(spec: TaskSpec) -> dict:
         events.close(done=finished)
 
 
+@dataclass
+class Resumed:
+    """Where this launch starts: from scratch, or from a checkpoint (checkpoint.py)."""
+
+    epoch: int = 0
+    step: int = 0
+    stopped: bool = False
+    history: list = field(default_factory=list)
+    best_state: dict | None = None
+    state: dict | None = None
+    same_world: bool = True
+
+    @classmethod
+    def fresh(cls) -> Resumed:
+        return cls()
+
+    @classmethod
+    def load(cls, spec: TaskSpec, rank: int, steps: int) -> Resumed:
+        from sparknet.train import checkpoint
+
+        state = checkpoint.load(spec.resume_from)
+        if state["fingerprint"] != spec.fingerprint:
+            raise TrainingError(
+                f"{spec.resume_from} belongs to another config or other shards; it cannot be "
+                "resumed"
+            )
+        same = state["world_size"] == spec.train_plan.world_size
+        if not same and state["step"] != 0:
+            raise TrainingError(
+                f"{spec.resume_from} was taken mid-epoch with {state['world_size']} ranks; "
+                f"with {spec.train_plan.world_size} the plan differs, so only a checkpoint "
+                "taken at an epoch boundary can be resumed"
+            )
+        return cls(
+            epoch=state["epoch"],
+            step=state["step"],
+            stopped=state["stopped"],
+            history=list(state["history"]),
+            best_state=state["best_state"],
+            state=state,
+            same_world=same,
+        )
+
+    def restore(self, model, optimizer, scheduler, stopper, rank: int, steps: int, seed: int):
+        import torch
+
+        s = self.state
+        model.load_state_dict(s["model"])
+        optimizer.load_state_dict(s["optimizer"])
+        stopper.load_state_dict(s["stopper"])
+        if self.same_world:
+            scheduler.load_state_dict(s["scheduler"])
+            torch.set_rng_state(s["rng"][rank])
+            return
+        # Another world size, another plan: the schedule is re-counted in this plan's
+        # steps from the epoch boundary, and dropout masks start from a fresh seed.
+        position = self.epoch * steps + self.step
+        scheduler.last_epoch = position
+        for group, base, factor in zip(
+            optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True
+        ):
+            group["lr"] = base * factor(position)
+        torch.manual_seed(seed + 1 + rank + 7919 * (self.epoch + 1))
+
+    def partial(self, epoch: int, rank: int) -> tuple[np.ndarray, np.ndarray, float]:
+        """The sums of an epoch the checkpoint was taken in the middle of."""
+        if self.state is not None and epoch == self.epoch and self.step > 0:
+            part = self.state["partial"]
+            return (
+                np.array(part["seen"][rank], dtype=np.float64),
+                np.array(part["loss_total"], dtype=np.float64),
+                float(part["waited"][rank]),
+            )
+        return np.zeros(3), np.zeros(2), 0.0
+
+    def position(self) -> dict | None:
+        if self.state is None:
+            return None
+        return {"epoch": self.epoch, "step": self.step, "world_size": self.state["world_size"]}
+
+
+def _checkpoint(
+    spec: TaskSpec,
+    rank: int,
+    world_size: int,
+    device,
+    events: EventClient,
+    epoch: int,
+    step: int,
+    steps: int,
+    model,
+    optimizer,
+    scheduler,
+    stopper,
+    best_state,
+    history: list,
+    partial,
+    stopped: bool,
+) -> None:
+    """A collective: every rank hands rank 0 its RNG state (and its sums of a partial
+    epoch); rank 0 writes. Called at the same steps on every rank."""
+    import torch
+
+    from sparknet.train import checkpoint
+
+    rng = _gather_equal(torch.get_rng_state(), world_size, device)
+    seen = waited = None
+    if partial is not None:
+        mine = torch.tensor([*partial[0], partial[2]], dtype=torch.float64)
+        rows = _gather_equal(mine, world_size, device)
+        seen = [r[:3].tolist() for r in rows]
+        waited = [float(r[3]) for r in rows]
+    if rank != 0:
+        return
+    state = {
+        "fingerprint": spec.fingerprint,
+        "world_size": world_size,
+        "plan_digest": spec.train_plan.digest,
+        "epoch": epoch,
+        "step": step,
+        "global_step": epoch * steps + step,
+        "stopped": stopped,
+        "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "stopper": _plain(stopper.state_dict()),
+        "best_state": best_state,
+        "history": _plain(history),
+        "rng": [r.to(torch.uint8) for r in rng],
+        "partial": None
+        if partial is None
+        else {"seen": seen, "waited": waited, "loss_total": partial[1].tolist()},
+    }
+    path = checkpoint.save(spec.checkpoint_dir, state, spec.train.checkpoint.keep)
+    events.send(type="checkpoint", epoch=epoch, step=step, path=path)
+
+
+def _plain(value):
+    """numpy scalars as Python numbers: torch.load(weights_only=True) refuses numpy."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _gather_equal(tensor, world_size: int, device) -> list:
+    """Every rank's `tensor` (same shape and dtype on all), in rank order, on the CPU."""
+    import torch
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(tensor, device=device) for _ in range(world_size)]
+    work = dist.all_gather(parts, tensor.to(device), async_op=True)
+    work.wait()
+    _keep(work)
+    return [p.cpu() for p in parts]
+
+
 class NonFiniteError(TrainingError):
     pass
 
@@ -208,18 +372,20 @@ def _train(spec: TaskSpec, context, events: EventClient) -> dict:
         stopper = EarlyStopping(t.early_stopping)
         step_rows = plan.step_rows()
         steps = plan.steps_per_epoch
-        best_state = None
-        history = []
-        for epoch in range(t.epochs):
+        run = Resumed.fresh() if spec.resume_from is None else Resumed.load(spec, rank, steps)
+        if spec.resume_from is not None:
+            run.restore(model, optimizer, scheduler, stopper, rank, steps, t.seed)
+        best_state, history = run.best_state, run.history
+        for epoch in range(run.epoch, t.epochs if not run.stopped else run.epoch):
             started = time.perf_counter()
             ddp.train()
+            first_step = run.step if epoch == run.epoch else 0
             # Which samples this rank saw (count, sum and sum of squares of the dense ids:
             # summed over ranks they prove "each id exactly once"), then the loss sum and
-            # rows over all ranks, then seconds spent waiting for data.
-            seen = np.zeros(3)
-            loss_total = np.zeros(2)
-            waited = 0.0
-            events.at(epoch, 0, "read")
+            # rows over all ranks, then seconds spent waiting for data. A resumed epoch
+            # starts from the checkpoint's sums.
+            seen, loss_total, waited = run.partial(epoch, rank)
+            events.at(epoch, first_step, "read")
             batches = iterate_rank(
                 plan,
                 rank,
@@ -229,14 +395,15 @@ def _train(spec: TaskSpec, context, events: EventClient) -> dict:
                 shuffle=True,
                 prefetch_row_groups=t.prefetch_row_groups,
                 reader_threads=threads,
+                start_step=first_step,
             )
-            step = -1
+            step = first_step - 1
             asked = time.perf_counter()
-            for step, (ids, x, y) in enumerate(batches):
+            for step, (ids, x, y) in enumerate(batches, start=first_step):
                 waited += time.perf_counter() - asked
                 global_step = epoch * steps + step
                 events.at(epoch, step, "forward")
-                inject = _inject_fault(t.fault, rank, global_step)
+                inject = _inject_fault(t.fault, rank, global_step, spec.attempt)
                 features = torch.from_numpy(x).to(device, non_blocking=True)
                 target = torch.from_numpy(y).to(device, non_blocking=True)
                 optimizer.zero_grad(set_to_none=True)
@@ -282,6 +449,27 @@ def _train(spec: TaskSpec, context, events: EventClient) -> dict:
                 ids_f = ids.astype(np.float64)
                 seen += (len(ids), ids_f.sum(), (ids_f * ids_f).sum())
                 loss_total += (float(stats[world_size]), float(stats[world_size + 1]))
+                every = t.checkpoint.every_steps
+                if every and (global_step + 1) % every == 0 and step + 1 < steps:
+                    events.at(epoch, step, "checkpoint")
+                    _checkpoint(
+                        spec,
+                        rank,
+                        world_size,
+                        device,
+                        events,
+                        epoch,
+                        step + 1,
+                        steps,
+                        model,
+                        optimizer,
+                        scheduler,
+                        stopper,
+                        best_state,
+                        history,
+                        (seen, loss_total, waited),
+                        stopped=False,
+                    )
                 events.at(epoch, step + 1, "read")
                 asked = time.perf_counter()
             if step + 1 != steps:
@@ -293,7 +481,7 @@ def _train(spec: TaskSpec, context, events: EventClient) -> dict:
             totals = torch.tensor(seen, dtype=torch.float64).to(device)
             all_reduce(totals)
             totals = totals.cpu()
-            train_loss = loss_total[0] / max(loss_total[1], 1)
+            train_loss = float(loss_total[0] / max(loss_total[1], 1))
             events.at(epoch, steps, "validation")
             validation = _validate(spec, model, rank, world_size, device, events, epoch)
             elapsed = time.perf_counter() - started
@@ -318,6 +506,25 @@ def _train(spec: TaskSpec, context, events: EventClient) -> dict:
                 events.send(type="epoch", epochs=t.epochs, **record)
             if stopper.improved and t.early_stopping.patience > 0:
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            events.at(epoch, steps, "checkpoint")
+            _checkpoint(
+                spec,
+                rank,
+                world_size,
+                device,
+                events,
+                epoch + 1,
+                0,
+                steps,
+                model,
+                optimizer,
+                scheduler,
+                stopper,
+                best_state,
+                history,
+                None,
+                stopped=stop,
+            )
             if stop:
                 log.info(
                     "early stopping after epoch %d: %s has not improved for %d epochs",
@@ -335,6 +542,7 @@ def _train(spec: TaskSpec, context, events: EventClient) -> dict:
             "torch_threads": threads,
             "history": history,
             "stopped_early": len(history) < t.epochs,
+            "resumed_from": run.position(),
             "best_epoch": stopper.best_epoch,
             "weights_digest": weights_digest(model),
         }
@@ -358,9 +566,9 @@ def collective_timeout(timeout_s: float) -> float:
     return timeout_s * 1.25 + 10
 
 
-def _inject_fault(fault, rank: int, global_step: int) -> str | None:
+def _inject_fault(fault, rank: int, global_step: int, attempt: int) -> str | None:
     """train.fault: the test hook that proves failures end the job and say why."""
-    if fault is None or fault.rank != rank or fault.step != global_step:
+    if fault is None or (fault.rank, fault.step, fault.attempt) != (rank, global_step, attempt):
         return None
     log.warning("injecting fault '%s' at global step %d", fault.kind, global_step)
     if fault.kind == "raise":
