@@ -645,8 +645,25 @@ def _check(c: Config) -> None:
 
 
 def _check_train(t: TrainConfig, w: str) -> None:
-    if t.seed < 0:
-        raise ConfigError(f"{w}: train.seed: must be >= 0 (numpy seeds), got {t.seed}")
+    if not 0 <= t.seed < 2**32:
+        raise ConfigError(f"{w}: train.seed: must be in [0, 2^32), got {t.seed}")
+    if not (math.isfinite(t.learning_rate) and t.learning_rate > 0):
+        raise ConfigError(
+            f"{w}: train.learning_rate: must be a finite number > 0, got {t.learning_rate}"
+        )
+    # A week: any longer bound is no bound; NaN or inf would switch the watchdog off.
+    if not (math.isfinite(t.timeout_s) and 0 < t.timeout_s <= 7 * 86400):
+        raise ConfigError(
+            f"{w}: train.timeout_s: must be in (0, 604800] seconds, got {t.timeout_s}"
+        )
+    if not t.momentum < 1:
+        raise ConfigError(f"{w}: train.momentum: must be in [0, 1), got {t.momentum}")
+    if not math.isfinite(t.early_stopping.min_delta):
+        raise ConfigError(
+            f"{w}: train.early_stopping.min_delta: must be finite, got {t.early_stopping.min_delta}"
+        )
+    if t.fault is not None and not (math.isfinite(t.fault.seconds) and t.fault.seconds >= 0):
+        raise ConfigError(f"{w}: train.fault.seconds: must be >= 0, got {t.fault.seconds}")
     for key in ("momentum", "weight_decay", "l1", "l2", "grad_clip_norm"):
         value = getattr(t, key)
         if not (math.isfinite(value) and value >= 0):

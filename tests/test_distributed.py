@@ -278,3 +278,31 @@ class FakeSession:
 def test_preflight_refuses_in_one_message(conf, parallelism, device, message):
     with pytest.raises(TrainingError, match=message):
         preflight(FakeSession(conf, parallelism), 2, device)
+
+
+def test_batch_norm_ranks_end_with_the_same_statistics(spark, uneven_shards):
+    """DDP averages gradients, not BatchNorm's running statistics: they are averaged
+    across ranks each epoch, so every rank, and the saved model, hold the same."""
+    config = small_training_config(workers=2, epochs=2, batch_size=BATCH, batch_norm=True)
+    report = train(spark, config, uneven_shards)
+    assert report["identical_weights"] is True
+    spec, state = load_model_files(uneven_shards.model)
+    assert spec.batch_norm is True
+    assert any("running_mean" in k for k in model_from_bytes(spec, state).state_dict())
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("timeout_s", float("nan"), r"train.timeout_s: must be in \(0, 604800\]"),
+        ("timeout_s", float("inf"), r"train.timeout_s"),
+        ("learning_rate", float("inf"), r"train.learning_rate: must be a finite number"),
+        ("momentum", 5.0, r"train.momentum: must be in \[0, 1\)"),
+        ("seed", 2**70, r"train.seed: must be in \[0, 2\^32\)"),
+    ],
+)
+def test_train_settings_that_would_fail_inside_the_tasks_are_refused(key, value, message):
+    from sparknet.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        small_training_config(**{key: value})

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 COLLECTIVE_PHASES = ("backward", "allreduce", "rendezvous")
 LOG_LINES_KEPT = 40
 HEARTBEAT_S = 1.0
+SILENT_AFTER_S = 5 * HEARTBEAT_S
 
 
 @dataclass
@@ -46,6 +47,7 @@ class RankState:
     step: int = -1
     phase: str = "starting"
     changed_at: float = field(default_factory=time.monotonic)
+    heard_at: float = field(default_factory=time.monotonic)  # last message of any kind
     lines: collections.deque = field(
         default_factory=lambda: collections.deque(maxlen=LOG_LINES_KEPT)
     )
@@ -144,6 +146,7 @@ class EventServer:
     def _handle(self, state: RankState, event: dict) -> None:
         kind = event.get("type")
         with self._lock:
+            state.heard_at = time.monotonic()
             if kind == "progress":
                 position = (event["epoch"], event["step"], event["phase"])
                 if position != (state.epoch, state.step, state.phase):
@@ -183,7 +186,7 @@ class EventServer:
     def diagnosis(self, timeout_s: float | None = None) -> str:
         """Why the job failed or hangs, from what the ranks said, most telling first."""
         ranks = self.snapshot()
-        if len(ranks) < self.world_size:
+        if len(ranks) < self.world_size and (timeout_s is not None or not ranks):
             missing = sorted(set(range(self.world_size)) - set(ranks))
             return (
                 f"ranks {missing} never reported to the driver within "
@@ -204,16 +207,27 @@ class EventServer:
                 f"rank {state.rank} (pid {state.pid} on {state.host}) exited without an error "
                 f"at {state.position()}; its last lines:\n" + _tail(state)
             )
-        stuck = [s for s in ranks.values() if s.phase not in COLLECTIVE_PHASES and not s.done]
+        now = time.monotonic()
+        # A rank whose heartbeat stopped is frozen (stopped, swapping, stuck holding the
+        # GIL) whatever phase it last reported; otherwise one outside a collective.
+        stuck = [
+            s
+            for s in ranks.values()
+            if not s.done and not s.closed and now - s.heard_at > SILENT_AFTER_S
+        ] or [s for s in ranks.values() if s.phase not in COLLECTIVE_PHASES and not s.done]
         if timeout_s is not None and stuck:
-            now = time.monotonic()
-            waiting = sorted(set(ranks) - {s.rank for s in stuck})
+            waiting = sorted(
+                set(ranks) - {s.rank for s in stuck} - {s.rank for s in ranks.values() if s.done}
+            )
             names = "; ".join(
                 f"rank {s.rank} (pid {s.pid} on {s.host}) at {s.position()} for "
                 f"{now - s.changed_at:.0f} s"
                 for s in stuck
             )
             others = f"; ranks {waiting} wait for it in a collective" if waiting else ""
+            silent = [s.rank for s in stuck if now - s.heard_at > SILENT_AFTER_S]
+            if silent:
+                others += f"; ranks {silent} stopped sending heartbeats"
             return (
                 f"no progress for {timeout_s:.0f} s (train.timeout_s): {names}{others}; "
                 f"last lines of rank {stuck[0].rank}:\n" + _tail(stuck[0])

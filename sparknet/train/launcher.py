@@ -29,7 +29,7 @@ from sparknet.train import checkpoint
 from sparknet.train.events import EventServer
 from sparknet.train.model import ModelSpec, load_model_files, model_from_bytes
 from sparknet.train.plan import ShardPlan, make_plan, read_row_groups
-from sparknet.train.worker import TaskSpec, run_rank, validation_summary, weights_digest
+from sparknet.train.worker import ID_MODULUS, TaskSpec, run_rank, validation_summary, weights_digest
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ def label_summary(spark: SparkSession, path: str) -> dict:
         spark.read.parquet(path)
         .agg(
             F.count(label).alias("rows"),
+            F.sum((label.isNull() | F.isnan(label)).cast("long")).alias("nulls"),
             F.avg(label).alias("mean"),
             F.stddev_pop(label).alias("std"),
             F.min(label).alias("min"),
@@ -66,6 +67,11 @@ def check_labels(config: Config, split: str, summary: dict) -> None:
     task, n = config.label.task, summary["rows"]
     if not n:
         raise TrainingError(f"the {split} shards hold no labels; rerun the shard stage")
+    if summary["nulls"]:
+        raise TrainingError(
+            f"the {split} shards hold {summary['nulls']} null or NaN labels; the clean stage "
+            "rejects those: rerun the clean, features and shard stages"
+        )
     low, high = summary["min"], summary["max"]
     if not (math.isfinite(low) and math.isfinite(high)):
         raise TrainingError(
@@ -333,9 +339,18 @@ def run_barrier(
     if stalled is None and "error" not in outcome:
         return outcome["results"]
     # What the ranks said comes first; Spark's message when they said nothing.
-    reason = stalled or events.diagnosis() or python_error(outcome["error"])
+    if stalled:
+        reason = stalled
+    elif len(events.ranks) < workers:
+        # A task that failed before it could report (a missing module, a bad setting):
+        # Spark's error holds its Python exception.
+        reason = python_error(outcome["error"])
+    else:
+        reason = events.diagnosis() or python_error(outcome["error"])
     error = TrainingError(f"training failed: {reason}")
-    error.rank_pids = [s.pid for s in events.snapshot().values()]
+    # Ranks that finished went back to Spark's pool of idle Python workers, which Spark
+    # reuses: only the others must be gone.
+    error.rank_pids = [s.pid for s in events.snapshot().values() if not s.done]
     error.retriable = events.retriable()
     _wait_for_ranks_to_exit(events)
     raise error
@@ -346,7 +361,9 @@ def _wait_for_ranks_to_exit(events: EventServer, within_s: float = 20.0) -> None
     host, check that it did, so a failed run never leaves a training process behind
     unnoticed. (Executors on other hosts are the cluster manager's to check.)"""
     here = socket.gethostname()
-    local = {s.pid: s.rank for s in events.snapshot().values() if s.host == here and s.pid}
+    local = {
+        s.pid: s.rank for s in events.snapshot().values() if s.host == here and s.pid and not s.done
+    }
     deadline = time.monotonic() + within_s
     while local and time.monotonic() < deadline:
         local = {pid: rank for pid, rank in local.items() if process_running(pid)}
@@ -507,13 +524,13 @@ def train(spark: SparkSession, config: Config, run_dir: RunDir) -> dict:
 
 
 def _check_coverage(record: dict, n: int) -> None:
-    """Dense ids 0..n-1: count n, sum n(n-1)/2, sum of squares (n-1)n(2n-1)/6."""
-    expected = (n, n * (n - 1) / 2, (n - 1) * n * (2 * n - 1) / 6)
-    got = (record["samples"], record["sample_id_sum"], record["sample_id_square_sum"])
-    if got[0] != expected[0] or any(
-        abs(g - e) > 1e-9 * max(e, 1) for g, e in zip(got[1:], expected[1:], strict=True)
-    ):
+    """Dense ids 0..n-1: count n, sum n(n-1)/2, sum of squares (n-1)n(2n-1)/6 modulo
+    ID_MODULUS, all exact integers."""
+    expected = (n, n * (n - 1) // 2, ((n - 1) * n * (2 * n - 1) // 6) % ID_MODULUS)
+    got = (record["samples"], record["sample_id_sum"], record["sample_id_square_sum_mod"])
+    if got != expected:
         raise TrainingError(
             f"epoch {record['epoch']}: the ranks together did not see each of the {n} train "
-            f"samples exactly once (count, id sum, id square sum = {got}, expected {expected})"
+            f"samples exactly once (count, id sum, id square sum mod {ID_MODULUS} = {got}, "
+            f"expected {expected})"
         )

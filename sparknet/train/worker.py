@@ -229,11 +229,11 @@ class Resumed:
         if self.state is not None and epoch == self.epoch and self.step > 0:
             part = self.state["partial"]
             return (
-                np.array(part["seen"][rank], dtype=np.float64),
+                np.array(part["seen"][rank], dtype=np.int64),
                 np.array(part["loss_total"], dtype=np.float64),
                 float(part["waited"][rank]),
             )
-        return np.zeros(3), np.zeros(2), 0.0
+        return np.zeros(3, dtype=np.int64), np.zeros(2), 0.0
 
     def position(self) -> dict | None:
         if self.state is None:
@@ -268,10 +268,9 @@ def _checkpoint(
     rng = _gather_equal(torch.get_rng_state(), world_size, device)
     seen = waited = None
     if partial is not None:
-        mine = torch.tensor([*partial[0], partial[2]], dtype=torch.float64)
-        rows = _gather_equal(mine, world_size, device)
-        seen = [r[:3].tolist() for r in rows]
-        waited = [float(r[3]) for r in rows]
+        seen = [r.tolist() for r in _gather_equal(torch.from_numpy(partial[0]), world_size, device)]
+        mine = torch.tensor([partial[2]], dtype=torch.float64)
+        waited = [float(r[0]) for r in _gather_equal(mine, world_size, device)]
     if rank != 0:
         return
     state = {
@@ -376,6 +375,13 @@ def _train(spec: TaskSpec, context, events: EventClient) -> dict:
         if spec.resume_from is not None:
             run.restore(model, optimizer, scheduler, stopper, rank, steps, t.seed)
         best_state, history = run.best_state, run.history
+
+        def save_checkpoint(epoch: int, step: int, partial, stopped: bool) -> None:
+            _checkpoint(
+                spec, rank, world_size, device, events, epoch, step, steps, model, optimizer,
+                scheduler, stopper, best_state, history, partial, stopped,
+            )  # fmt: skip
+
         for epoch in range(run.epoch, t.epochs if not run.stopped else run.epoch):
             started = time.perf_counter()
             ddp.train()
@@ -446,30 +452,12 @@ def _train(spec: TaskSpec, context, events: EventClient) -> dict:
                     clip_gradients(model, t.grad_clip_norm)
                 optimizer.step()
                 scheduler.step()
-                ids_f = ids.astype(np.float64)
-                seen += (len(ids), ids_f.sum(), (ids_f * ids_f).sum())
+                seen += _id_sums(ids)
                 loss_total += (float(stats[world_size]), float(stats[world_size + 1]))
                 every = t.checkpoint.every_steps
                 if every and (global_step + 1) % every == 0 and step + 1 < steps:
                     events.at(epoch, step, "checkpoint")
-                    _checkpoint(
-                        spec,
-                        rank,
-                        world_size,
-                        device,
-                        events,
-                        epoch,
-                        step + 1,
-                        steps,
-                        model,
-                        optimizer,
-                        scheduler,
-                        stopper,
-                        best_state,
-                        history,
-                        (seen, loss_total, waited),
-                        stopped=False,
-                    )
+                    save_checkpoint(epoch, step + 1, (seen, loss_total, waited), False)
                 events.at(epoch, step + 1, "read")
                 asked = time.perf_counter()
             if step + 1 != steps:
@@ -478,12 +466,21 @@ def _train(spec: TaskSpec, context, events: EventClient) -> dict:
                     f"promised {steps}; the shards changed after the plan was made"
                 )
             events.at(epoch, steps, "allreduce")
-            totals = torch.tensor(seen, dtype=torch.float64).to(device)
+            totals = torch.tensor(seen, dtype=torch.int64).to(device)
             all_reduce(totals)
             totals = totals.cpu()
+            if t.batch_norm:
+                _average_batch_norm_statistics(model, world_size, device)
             train_loss = float(loss_total[0] / max(loss_total[1], 1))
             events.at(epoch, steps, "validation")
             validation = _validate(spec, model, rank, world_size, device, events, epoch)
+            if not math.isfinite(validation["validation_loss"]):
+                # The sums are the same on every rank: all stop here together.
+                raise NonFiniteError(
+                    f"epoch {epoch}: the validation loss is {validation['validation_loss']}: "
+                    "the validation shards hold a non-finite feature or label, or the "
+                    "network overflows on them"
+                )
             elapsed = time.perf_counter() - started
             record = {
                 "epoch": epoch,
@@ -491,8 +488,8 @@ def _train(spec: TaskSpec, context, events: EventClient) -> dict:
                 **validation,
                 "learning_rate": optimizer.param_groups[0]["lr"],
                 "samples": int(totals[0]),
-                "sample_id_sum": float(totals[1]),
-                "sample_id_square_sum": float(totals[2]),
+                "sample_id_sum": int(totals[1]),
+                "sample_id_square_sum_mod": int(totals[2]) % ID_MODULUS,
                 "rank_samples": int(seen[0]),
                 "steps": steps,
                 "seconds": elapsed,
@@ -507,24 +504,7 @@ def _train(spec: TaskSpec, context, events: EventClient) -> dict:
             if stopper.improved and t.early_stopping.patience > 0:
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             events.at(epoch, steps, "checkpoint")
-            _checkpoint(
-                spec,
-                rank,
-                world_size,
-                device,
-                events,
-                epoch + 1,
-                0,
-                steps,
-                model,
-                optimizer,
-                scheduler,
-                stopper,
-                best_state,
-                history,
-                None,
-                stopped=stop,
-            )
+            save_checkpoint(epoch + 1, 0, None, stop)
             if stop:
                 log.info(
                     "early stopping after epoch %d: %s has not improved for %d epochs",
@@ -557,6 +537,32 @@ def _train(spec: TaskSpec, context, events: EventClient) -> dict:
         events.at(events.epoch, events.step, "teardown")
         # After a failure the driver already knows why; do not keep the task for long.
         shut_down(spec.train.timeout_s if completed else FAILED_TEARDOWN_S)
+
+
+# Sums of squares of the ids are kept modulo a prime, so that they stay exact in int64
+# at any size: a duplicated id and a missing one change the exact id sum; several that
+# cancel there would also have to cancel in the squares.
+ID_MODULUS = 2_147_483_647
+
+
+def _id_sums(ids: np.ndarray) -> np.ndarray:
+    reduced = ids.astype(np.int64) % ID_MODULUS
+    squares = (reduced * reduced) % ID_MODULUS  # < 2^62: no overflow
+    return np.array([len(ids), int(ids.sum()), int(squares.sum() % ID_MODULUS)], dtype=np.int64)
+
+
+def _average_batch_norm_statistics(model, world_size: int, device) -> None:
+    """DDP averages gradients, not buffers: each rank's running mean and variance come
+    from its own batches. Their average across ranks, once per epoch, gives every rank
+    (and the saved model) the same statistics, drawn from all the data."""
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            for buffer in (module.running_mean, module.running_var):
+                total = buffer.detach().to(torch.float64)
+                all_reduce(total)
+                buffer.copy_((total / world_size).to(buffer.dtype))
 
 
 def collective_timeout(timeout_s: float) -> float:
