@@ -208,10 +208,12 @@ def test_borrowing_keeps_every_batch_trainable_with_batch_norm():
     assert plan.step_rows() == [8, 5, 4]
 
 
-def test_too_few_rows_names_rows_workers_and_batch_size():
+def test_too_few_rows_names_the_split_rows_and_workers():
     groups = [RowGroup("/data/part-0.parquet", 0, 5)]
-    with pytest.raises(TrainingError, match=r"5 rows .*train\.workers=3.*train\.batch_size=64"):
+    with pytest.raises(TrainingError, match=r"the train split has 5 rows: .*train\.workers=3"):
         make_plan(groups, 3, 64, min_batch=2)
+    with pytest.raises(TrainingError, match=r"^the validation split \(x\) has 5 rows"):
+        make_plan(groups, 6, 8192, where="the validation split (x)")
     with pytest.raises(TrainingError, match="train.workers=6"):
         make_plan(groups, 6, 64)
 

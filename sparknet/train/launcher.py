@@ -172,7 +172,12 @@ def make_plans(
             t.batch_size,
             min_batch=2 if t.batch_norm else 1,
         ),
-        make_plan(read_row_groups(run_dir.shard("validation")), workers, VALIDATION_BATCH),
+        make_plan(
+            read_row_groups(run_dir.shard("validation")),
+            workers,
+            VALIDATION_BATCH,
+            where=f"the validation split ({run_dir.shard('validation')})",
+        ),
     )
     write_json(
         run_dir.shard_plan,

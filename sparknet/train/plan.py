@@ -203,7 +203,11 @@ class ShardPlan:
 
 
 def make_plan(
-    groups: list[RowGroup], world_size: int, batch_size: int, min_batch: int = 1
+    groups: list[RowGroup],
+    world_size: int,
+    batch_size: int,
+    min_batch: int = 1,
+    where: str = "the train split",
 ) -> ShardPlan:
     for name, value in (
         ("world_size", world_size),
@@ -217,9 +221,8 @@ def make_plan(
     plan = ShardPlan(list(groups), world_size, batch_size, min_batch)
     if plan.rows < world_size * min_batch:
         raise TrainingError(
-            f"{plan.rows} rows cannot give each of train.workers={world_size} workers a batch "
-            f"of at least {min_batch} rows (train.batch_size={batch_size}); lower "
-            "train.workers or use more data"
+            f"{where} has {plan.rows} rows: too few to give each of train.workers="
+            f"{world_size} workers at least {min_batch}; lower train.workers or use more data"
         )
     # The smallest share must fill every step with min_batch rows; checked once here so
     # that batch_sizes() cannot fail inside a task.
