@@ -204,6 +204,12 @@ def _read_slices(
     ]
 
     urls = [dataset_url(path) for path in files]
+    missing = [path for path in files if "://" not in path and not Path(path).is_file()]
+    if missing:
+        raise TrainingError(
+            f"shard file(s) {missing} are gone: the shards changed after the plan was made; "
+            "rerun the shard and train stages"
+        )
     reader = make_batch_reader(
         urls,
         schema_fields=[re.escape(name) for name in (SAMPLE_ID, LABEL, *columns)],
