@@ -282,7 +282,17 @@ def _train(spec: TaskSpec, context, events: EventClient) -> dict:
                 ids_f = ids.astype(np.float64)
                 seen += (len(ids), ids_f.sum(), (ids_f * ids_f).sum())
                 loss_total += (float(stats[world_size]), float(stats[world_size + 1]))
-                events.at(epoch, step + 1, "read")
+                # For the driver's progress display (progress.py): this rank's rows and
+                # data wait so far, and the epoch's running loss over all ranks.
+                events.at(
+                    epoch,
+                    step + 1,
+                    "read",
+                    rows=int(seen[0]),
+                    wait_s=waited,
+                    seconds=time.perf_counter() - started,
+                    loss=loss_total[0] / loss_total[1],
+                )
                 asked = time.perf_counter()
             if step + 1 != steps:
                 raise TrainingError(
