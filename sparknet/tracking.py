@@ -113,6 +113,8 @@ def log_training(client, config: Config, run_dir: RunDir, uri: str) -> str:
     run = client.create_run(
         experiment_id,
         run_name=f"{config.name} {run_dir.root.name}",
+        # The run is logged once training ended; its span in MLflow is the training's.
+        start_time=int((time.time() - report["seconds"]) * 1000),
         tags={
             "sparknet.run_dir": str(run_dir.root),
             "sparknet.config": config.path,
@@ -179,14 +181,16 @@ def log_evaluation(client, run_dir: RunDir) -> str | None:
 
 
 def flatten_config(config: Config) -> dict[str, str]:
-    """`train.schedule.name` -> "cosine": every set value, lists as JSON."""
+    """`train.schedule.name` -> "cosine": every value the config sets or defaults to,
+    lists as JSON. Unset ones (None, "", [], {}) are left out: a dataset's column list
+    would otherwise be hundreds of `format: ""` and `values: []`."""
     flat: dict[str, str] = {}
 
     def walk(prefix: str, value) -> None:
         if isinstance(value, dict):
             for key, inner in value.items():
                 walk(f"{prefix}.{key}" if prefix else str(key), inner)
-        elif value is None:
+        elif value is None or value == "" or value == []:
             return
         elif isinstance(value, bool):
             flat[prefix] = "true" if value else "false"

@@ -73,8 +73,8 @@ def test_log_lines_history_and_straggler(tmp_path, caplog):
 
     lines = [r.getMessage() for r in caplog.records]
     # A periodic line mid-epoch: epoch, step/steps, loss, samples/s, data wait, ETA.
-    mid = next(line for line in lines if line.startswith("epoch 1/2 step 2/4"))
-    assert re.search(r"loss 0\.7900, [\d,]+ samples/s, data wait 60%, ETA \d+ s", mid), mid
+    mid = next(line for line in lines if line.startswith("epoch 1/2 step 2/4, ETA "))
+    assert re.search(r"ETA \d+ s: loss 0\.7900, [\d,]+ samples/s, data wait 60%$", mid), mid
     # After the first epoch the validation metric is shown too.
     assert any(line.startswith("epoch 2/2 step 1/4") and "val AUC 0.8500" in line for line in lines)
     # The epoch lines, as before.
@@ -119,10 +119,10 @@ def test_bar_redraws_one_line_on_a_terminal(tmp_path, caplog):
     assert frames, text
     # Redraws are throttled, but the first event and an epoch's end always draw.
     assert frames[0].startswith("starting: 1/2 ranks connected")
-    assert any(f.startswith("epoch 1/2 [####################] step 4/4: loss ") for f in frames)
+    assert any(f.startswith("epoch 1/2 [####################] step 4/4, ETA") for f in frames)
     last = frames[-1]
-    assert last.startswith("epoch 2/2 [####################] step 4/4: loss "), last
-    assert "samples/s" in last and "val AUC 0.8800" in last and "ETA 0 s" in last
+    assert last.startswith("epoch 2/2 [####################] step 4/4, ETA 0 s: loss "), last
+    assert "samples/s" in last and "val AUC 0.8800" in last
     assert text.endswith("\n") and text.count("\n") == 1  # the bar's one line, ended
     # Periodic log lines are for logs, not terminals; epoch lines go to both.
     lines = [r.getMessage() for r in caplog.records]

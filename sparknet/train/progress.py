@@ -219,6 +219,10 @@ class Progress:
             filled = round(BAR_WIDTH * done / max(self.steps, 1))
             parts.append("[" + "#" * filled + "." * (BAR_WIDTH - filled) + "]")
         parts.append(f"step {done}/{self.steps}")
+        eta = self._eta(now, min(s.position(self.steps) for s in trained))
+        if eta is not None:
+            # Before the details: a narrow terminal cuts the line's end.
+            parts[-1] += f", ETA {_duration(eta)}"
         text = " ".join(parts)
         details = []
         if behind.loss is not None:
@@ -234,9 +238,6 @@ class Progress:
             last = self.history[-1]
             if key in last:
                 details.append(f"val {label} {last[key]:.4f}")
-        eta = self._eta(now, min(s.position(self.steps) for s in trained))
-        if eta is not None:
-            details.append(f"ETA {_duration(eta)}")
         return text + (": " + ", ".join(details) if details else "")
 
     def _eta(self, now: float, position: float) -> float | None:
