@@ -16,6 +16,7 @@ from sparknet.errors import RunDirError, SparknetError, spark_error_summary
 from sparknet.logs import set_stage, setup_logging
 from sparknet.run_dir import RunDir
 from sparknet.stack import stack_report
+from sparknet.tracking import after_stage
 
 log = logging.getLogger("sparknet")
 
@@ -90,6 +91,9 @@ def main(stages: Sequence[str], argv: Sequence[str] | None = None) -> int:
                 f"{rows} rows " if rows is not None else "",
                 time.perf_counter() - stage_started,
             )
+            # Here, not inside the stages: a stage's outputs are the run directory;
+            # tracking copies them elsewhere and is off unless configured.
+            after_stage(name, config, run_dir)
         set_stage("-")
         log.info(
             "finished %s in %.1f s; outputs in %s",

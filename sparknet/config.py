@@ -273,6 +273,16 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    """Where finished runs are recorded besides the run directory (sparknet/tracking.py).
+    An empty `mlflow_uri` falls back to the MLFLOW_TRACKING_URI environment variable;
+    neither: no tracking."""
+
+    mlflow_uri: str = ""
+    experiment: str = "sparknet"
+
+
+@dataclass(frozen=True)
 class Config:
     name: str
     sources: dict[str, SourceConfig]
@@ -286,6 +296,7 @@ class Config:
     pca: PcaConfig = field(default_factory=PcaConfig)
     shard: ShardConfig = field(default_factory=ShardConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     path: str = ""  # where it was loaded from, for messages
 
 
@@ -472,9 +483,42 @@ def _check_pca(c: Config, w: str) -> None:
             raise ConfigError(f"{w}: pca.{key}: must be >= 0, got {getattr(p, key)}")
 
 
+# What mlflow-skinny (the client in requirements.lock) can write to. The SQL stores need
+# the full mlflow package.
+MLFLOW_SCHEMES = ("http", "https", "file", "databricks", "databricks-uc")
+
+
+def check_mlflow_uri(where: str, uri: str) -> None:
+    """Refuses a tracking URI the installed client cannot use; `where` names its source
+    (the config key or the environment variable)."""
+    if uri != uri.strip() or any(c.isspace() for c in uri):
+        raise ConfigError(f"{where}: '{uri}' contains whitespace")
+    scheme = uri.split("://", 1)[0] if "://" in uri else uri.split(":", 1)[0]
+    if scheme not in MLFLOW_SCHEMES:
+        raise ConfigError(
+            f"{where}: '{uri}' is not a tracking URI sparknet can write to; use "
+            "http(s)://HOST:PORT (an MLflow tracking server), file:///ABSOLUTE/PATH or "
+            "databricks (SQL stores need the full mlflow package, which is not installed)"
+        )
+    if scheme == "file" and not uri.startswith("file:///"):
+        raise ConfigError(f"{where}: '{uri}': a file URI needs an absolute path (file:///...)")
+
+
+def _check_tracking(c: Config, w: str) -> None:
+    if c.tracking.mlflow_uri:
+        check_mlflow_uri(f"{w}: tracking.mlflow_uri", c.tracking.mlflow_uri)
+    name = c.tracking.experiment
+    if not name.strip() or name != name.strip():
+        raise ConfigError(
+            f"{w}: tracking.experiment: '{name}' must be a non-empty name without leading "
+            "or trailing spaces"
+        )
+
+
 def _check(c: Config) -> None:
     """Cross-field rules that types alone cannot express."""
     w = c.path
+    _check_tracking(c, w)
     if c.main not in c.sources:
         raise ConfigError(
             f"{w}: main: '{c.main}' is not a source; sources are {', '.join(c.sources)}"

@@ -13,6 +13,9 @@ run alone given the folder the previous stages wrote.
       shards/{train,validation,test}/   shard: Petastorm-readable Parquet
       shards.json          shard: rows and row groups per split
       train/plan.json      train: the shard plan (each rank's rows and batches per epoch)
+      train/metrics.jsonl  train: one line per finished epoch, then each rank's throughput
+      train/curves.png     train: loss and validation metrics per epoch
+      train/mlflow.json    train: the MLflow run it was logged to (only with tracking on)
       model/               train: model.pt (state_dict) + model.json (architecture)
       train.json           train: per-epoch history, per-rank sample accounting
       checkpoints/         train: the latest checkpoints, resumed by a relaunch

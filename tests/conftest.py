@@ -184,3 +184,21 @@ def synthetic_config_dict(variance=0.95, train=None, shard=None, label=None) -> 
         "train": {"workers": 2, "timeout_s": 60, **(train or {})},
         "shard": shard or {"rows_per_row_group": 16384},
     }
+
+
+def epoch_record(epoch: int, samples: int = 1000, seconds: float = 2.0) -> dict:
+    """One epoch of a binary task's training history, as the worker records it, with
+    losses falling and validation metrics rising epoch by epoch."""
+    return {
+        "epoch": epoch,
+        "train_loss": 0.7 - 0.1 * epoch,
+        "validation_loss": 0.6 - 0.1 * epoch,
+        "validation_accuracy": 0.8 + 0.05 * epoch,
+        "validation_auc": 0.85 + 0.03 * epoch,
+        "validation_rows": 100,
+        "learning_rate": 0.01,
+        "samples": samples,
+        "seconds": seconds,
+        "data_wait_seconds": 0.05 * seconds,
+        "best_epoch": epoch,
+    }

@@ -1,5 +1,8 @@
 """Barrier-mode DDP training in local[2] on a synthetic, learnable shard set."""
 
+import json
+import logging
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -68,7 +71,8 @@ def shards(tmp_path):
     return run_dir
 
 
-def test_two_ranks_train_to_identical_weights(spark, shards):
+def test_two_ranks_train_to_identical_weights(spark, shards, caplog):
+    caplog.set_level(logging.INFO, logger="sparknet")
     report = train(spark, small_training_config(workers=2), shards)
 
     assert report == read_json(shards.train_report)
@@ -88,6 +92,22 @@ def test_two_ranks_train_to_identical_weights(spark, shards):
     with torch.no_grad():
         out = model(torch.zeros(3, K))
     assert out.shape == (3, 1)
+
+    # The driver's progress: a line per epoch in the log, the history, the curves.
+    epochs = len(report["epochs"])
+    lines = [r.getMessage() for r in caplog.records]
+    for n in range(1, epochs + 1):
+        assert sum(line.startswith(f"epoch {n}/{epochs}: train loss") for line in lines) == 1
+    history = [json.loads(line) for line in (shards.train_dir / "metrics.jsonl").open()]
+    assert [r["type"] for r in history] == ["epoch"] * epochs + ["ranks"]
+    for record, reported in zip(history, report["epochs"], strict=False):
+        assert record["train_loss"] == pytest.approx(reported["train_loss"])
+    ranks = history[-1]["ranks"]
+    assert [r["rank"] for r in ranks] == [0, 1] and history[-1]["ok"] is True
+    assert sum(r["rows"] for r in ranks) == 3_001 * epochs
+    assert all(r["steps"] == report["steps_per_epoch"] * epochs for r in ranks)
+    assert all(r["samples_per_s"] > 0 and 0 <= r["data_wait_share"] < 1 for r in ranks)
+    assert (shards.train_dir / "curves.png").stat().st_size > 1000
 
 
 def test_one_rank_trains_too(spark, shards):

@@ -63,13 +63,14 @@ class RankState:
 
 
 class EventServer:
-    """Driver side: accepts the ranks' connections and keeps their state. `on_epoch` is
-    called with each epoch event (from the driver's reader threads)."""
+    """Driver side: accepts the ranks' connections and keeps their state. `listener`
+    is called as listener(rank, event) with every event, the hello without its token
+    (from the driver's reader threads)."""
 
-    def __init__(self, host: str, world_size: int, on_epoch=None) -> None:
+    def __init__(self, host: str, world_size: int, listener=None) -> None:
         self.world_size = world_size
         self.token = secrets.token_hex(16)
-        self.on_epoch = on_epoch
+        self.listener = listener
         self.ranks: dict[int, RankState] = {}
         self.started_at = time.monotonic()
         self._lock = threading.Lock()
@@ -141,6 +142,7 @@ class EventServer:
             state = self.ranks.setdefault(event["rank"], RankState(event["rank"]))
             state.host, state.pid = event.get("host", ""), event.get("pid", 0)
             state.changed_at = time.monotonic()
+        self._tell(state.rank, {k: v for k, v in event.items() if k != "token"})
         return state
 
     def _handle(self, state: RankState, event: dict) -> None:
@@ -163,10 +165,21 @@ class EventServer:
                 state.error_at = time.monotonic()
             elif kind == "done":
                 state.done = True
-        if kind == "epoch" and self.on_epoch is not None:
-            self.on_epoch(event)
+        self._tell(state.rank, event)
         if kind == "log" and event.get("level", 0) >= logging.WARNING:
             log.warning("rank %d: %s", state.rank, event["message"])
+
+    def _tell(self, rank: int, event: dict) -> None:
+        listener = self.listener
+        if listener is None:
+            return
+        try:
+            listener(rank, event)
+        except Exception:
+            # An exception here would end this reader thread, and the watchdog would
+            # then take a healthy rank for one that vanished; a display is not worth it.
+            self.listener = None
+            log.warning("the training progress display failed; it stops", exc_info=True)
 
     # -- what the driver concludes ------------------------------------------------------
 
@@ -296,6 +309,7 @@ class EventClient:
     def __init__(self, address: tuple[str, int], token: str, rank: int, timeout_s: float) -> None:
         self.rank = rank
         self.epoch, self.step, self.phase = -1, -1, "starting"
+        self.stats: dict = {}
         self._lock = threading.Lock()
         try:
             self._socket = socket.create_connection(address, timeout=timeout_s)
@@ -322,18 +336,23 @@ class EventClient:
             except OSError:
                 pass  # the driver is gone; Spark is ending this task anyway
 
-    def at(self, epoch: int, step: int, phase: str) -> None:
+    def at(self, epoch: int, step: int, phase: str, **stats) -> None:
         """Where this rank is. A new step is sent at once (one small message per step),
         so a rank that dies between heartbeats is still placed exactly; phase changes
-        within a step ride on the next heartbeat."""
+        within a step ride on the next heartbeat. `stats` (the epoch's rows, data wait,
+        loss so far, see progress.py) ride along until the next ones or the next epoch."""
         moved = (epoch, step) != (self.epoch, self.step)
+        if stats or epoch != self.epoch:
+            self.stats = stats
         self.epoch, self.step, self.phase = epoch, step, phase
         if moved:
-            self.send(type="progress", epoch=epoch, step=step, phase=phase)
+            self.send(type="progress", epoch=epoch, step=step, phase=phase, **self.stats)
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
-            self.send(type="progress", epoch=self.epoch, step=self.step, phase=self.phase)
+            self.send(
+                type="progress", epoch=self.epoch, step=self.step, phase=self.phase, **self.stats
+            )
 
     def error(self, message: str, traceback_text: str, show_traceback: bool = True) -> None:
         self.send(

@@ -29,6 +29,7 @@ from sparknet.train import checkpoint
 from sparknet.train.events import EventServer
 from sparknet.train.model import ModelSpec, load_model_files, model_from_bytes
 from sparknet.train.plan import ShardPlan, make_plan, read_row_groups
+from sparknet.train.progress import Progress
 from sparknet.train.worker import ID_MODULUS, TaskSpec, run_rank, validation_summary, weights_digest
 
 log = logging.getLogger(__name__)
@@ -265,30 +266,6 @@ def driver_address(spark: SparkSession) -> tuple[str, str]:
     return host, conf.get("spark.driver.bindAddress", None) or host
 
 
-class EpochLog:
-    """Prints rank 0's epoch events on the driver, where spark-submit and Airflow users
-    read the log."""
-
-    def __init__(self, task: str) -> None:
-        self.task = task
-
-    def __call__(self, event: dict) -> None:
-        rate = event["samples"] / max(event["seconds"], 1e-9)
-        log.info(
-            "epoch %d/%d: train loss %.4f, %s, %d samples at %.0f/s (%.1f s, %.1f s waiting "
-            "for data), lr %.3g",
-            event["epoch"] + 1,
-            event["epochs"],
-            event["train_loss"],
-            validation_summary(self.task, event),
-            event["samples"],
-            rate,
-            event["seconds"],
-            event["data_wait_seconds"],
-            event["learning_rate"],
-        )
-
-
 # How long a cancelled job may take to end before the driver stops waiting for it.
 CANCEL_WAIT_S = 60.0
 
@@ -434,7 +411,17 @@ def train(spark: SparkSession, config: Config, run_dir: RunDir) -> dict:
             if resume
             else "",
         )
-        with EventServer(bind, workers, on_epoch=EpochLog(model_spec.task)) as events:
+        progress = Progress(
+            run_dir.train_dir,
+            model_spec.task,
+            workers,
+            t.epochs,
+            train_plan.steps_per_epoch,
+            earlier=resume[1]["history"] if resume else (),
+        )
+        # Leaving `progress` closes it, also when training fails: the epochs that finished
+        # stay in the history and the curves.
+        with progress, EventServer(bind, workers, listener=progress.on_event) as events:
             spec = TaskSpec(
                 train_path=str(run_dir.shard("train")),
                 validation_path=str(run_dir.shard("validation")),

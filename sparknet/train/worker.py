@@ -458,7 +458,17 @@ def _train(spec: TaskSpec, context, events: EventClient) -> dict:
                 if every and (global_step + 1) % every == 0 and step + 1 < steps:
                     events.at(epoch, step, "checkpoint")
                     save_checkpoint(epoch, step + 1, (seen, loss_total, waited), False)
-                events.at(epoch, step + 1, "read")
+                # For the driver's progress display (progress.py): this rank's rows and
+                # data wait so far, and the epoch's running loss over all ranks.
+                events.at(
+                    epoch,
+                    step + 1,
+                    "read",
+                    rows=int(seen[0]),
+                    wait_s=waited,
+                    seconds=time.perf_counter() - started,
+                    loss=loss_total[0] / loss_total[1],
+                )
                 asked = time.perf_counter()
             if step + 1 != steps:
                 raise TrainingError(
