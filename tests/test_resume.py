@@ -1,6 +1,7 @@
 """Training survives a lost rank: checkpoints, relaunch from the latest one, and a
 resumed run that ends with exactly the weights of an uninterrupted one."""
 
+import json
 import os
 import shutil
 import signal
@@ -70,6 +71,10 @@ def test_a_lost_rank_is_relaunched_and_ends_with_the_uninterrupted_weights(spark
     assert "exited without an error at epoch 1 step 6" in failed["error"]
     assert report["resumed_from"] == {"epoch": 1, "step": 6, "world_size": 2}
     assert [e["samples"] for e in report["epochs"]] == [N_TRAIN] * 3
+    # The history shown and kept spans both launches, each epoch once.
+    lines = (run_dir.train_dir / "metrics.jsonl").read_text().splitlines()
+    epochs = [json.loads(line) for line in lines if '"type": "epoch"' in line]
+    assert [e["epoch"] for e in epochs] == [0, 1, 2]
     # keep=2 plus the latest epoch-boundary one
     assert len(list(run_dir.checkpoints.iterdir())) <= 3
     assert report["weights_digest"] == uninterrupted_digest(run_dir, config())
