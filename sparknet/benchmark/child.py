@@ -319,7 +319,9 @@ def sklearn_kind(params: dict) -> dict:
                 shuffle=True,
             )
         else:
-            model = HistGradientBoostingClassifier(random_state=t.seed)
+            model = HistGradientBoostingClassifier(
+                max_iter=params.get("max_iter", 100), random_state=t.seed
+            )
         started = time.perf_counter()
         import warnings
 

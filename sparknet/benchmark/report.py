@@ -1,7 +1,23 @@
 """benchmark.json -> Markdown: the machine, one table of median ratios with their
-spread, the targets, and a section per comparison."""
+spread, the targets, and a section per comparison; and that Markdown placed into
+docs/benchmarks.md between its markers, next to the hand-written interpretation."""
 
 from __future__ import annotations
+
+from pathlib import Path
+
+BEGIN = "<!-- benchmark: generated from benchmark.json by jobs/benchmark.py; do not edit -->"
+END = "<!-- benchmark: end of the generated part -->"
+
+
+def update_doc(path: Path, report: dict) -> None:
+    """Replaces what stands between BEGIN and END in `path` with `markdown(report)`."""
+    text = Path(path).read_text()
+    if BEGIN not in text or END not in text:
+        raise ValueError(f"{path} lacks the markers {BEGIN!r} and {END!r}")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    Path(path).write_text(f"{head}{BEGIN}\n{markdown(report)}{END}{tail}")
 
 
 def _num(value, digits: int = 3) -> str:

@@ -54,6 +54,7 @@ class Sizes:
     pandas_memory_cap_mb: float = 12_000
     timeout_s: float = 3600
     profile: bool = True  # py-spy on the ranks of a and b (docs/benchmarks.md)
+    hgb_max_iter: int = 100  # d: HistGradientBoostingClassifier's boosting rounds (its default)
     spark_conf: dict = field(default_factory=lambda: {"spark.ui.enabled": "false"})
 
 
@@ -71,6 +72,8 @@ SMOKE = Sizes(
     rows_per_row_group=1024,
     timeout_s=600,
     profile=False,
+    hgb_max_iter=10,
+    spark_conf={"spark.ui.enabled": "false", "spark.sql.shuffle.partitions": "2"},
 )
 
 
@@ -83,6 +86,7 @@ class Benchmark:
         self.data = self.out / "data"
         self.config = read_yaml(config_path)
         self.results: dict = {}
+        self.scale_dirs: list[Path] = []
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -163,7 +167,6 @@ class Benchmark:
             self.sizes.preprocess_rounds,
             "e",
         )
-        self.base = self.data / "base"
         self.results["e"] = {
             "rows_in": rows,
             "data": "real flights" if not generated else f"generated {self.sizes.base_scale}x",
@@ -378,7 +381,10 @@ class Benchmark:
         mlp = self.child(
             "sklearn", {"shards_from": str(self.base), "model": "mlp", "overrides": train_override}
         )
-        hgb = self.child("sklearn", {"shards_from": str(self.base), "model": "hgb"})
+        hgb = self.child(
+            "sklearn",
+            {"shards_from": str(self.base), "model": "hgb", "max_iter": self.sizes.hgb_max_iter},
+        )
         self.results["d"] = {
             "learners": {
                 "sparknet": {
@@ -421,15 +427,23 @@ class Benchmark:
         for scale in self.sizes.scales:
             set_stage(f"f scale {scale:g}x")
             name = f"scale-{scale:g}x"
-            raw, rows = self.prepare_raw(name, scale)
-            overrides = self.raw_overrides(True)
-            run_dir = self.data / name
-            spark = self.child("preprocess", {"run_dir": str(run_dir), "overrides": overrides})
-            pandas = self.child(
-                "pandas_preprocess",
-                {"raw": str(raw), "out": str(self.work / "pandas-shards"), "overrides": overrides},
-                memory_cap_mb=self.sizes.pandas_memory_cap_mb,
-            )
+            if scale == self.sizes.base_scale:
+                # The base data is this scale already (smoke): measured in e.
+                e = self.results["e"]
+                run_dir, rows = self.base, e["rows_in"]
+                spark, pandas = e["sparknet"][0], e["pandas"][0]
+            else:
+                raw, rows = self.prepare_raw(name, scale)
+                overrides = self.raw_overrides(True)
+                run_dir = self.data / name
+                spark = self.child("preprocess", {"run_dir": str(run_dir), "overrides": overrides})
+                pandas = self.child(
+                    "pandas_preprocess",
+                    {"raw": str(raw), "out": str(self.work / "pandas-shards"),
+                     "overrides": overrides},
+                    memory_cap_mb=self.sizes.pandas_memory_cap_mb,
+                )  # fmt: skip
+            self.scale_dirs.append(run_dir)
             epoch = self.child(
                 "train",
                 {
@@ -480,10 +494,11 @@ class Benchmark:
                 }
             )
             # Only the largest size's shards are kept (c compares memory there).
-            for earlier in rows_per_scale[:-1]:
-                shutil.rmtree(self.data / f"scale-{earlier['scale']:g}x", ignore_errors=True)
+            for earlier in self.scale_dirs[:-1]:
+                if earlier != self.base:
+                    shutil.rmtree(earlier, ignore_errors=True)
         self.results["f"] = {"scales": rows_per_scale}
-        self.largest = self.data / f"scale-{self.sizes.scales[-1]:g}x"
+        self.largest = self.scale_dirs[-1]
 
     def physical_limit(self) -> None:
         """g: achieved FLOP/s (6 x parameters per sample) against torch's matmul FLOP/s
@@ -521,29 +536,74 @@ class Benchmark:
 
     # -- the run -------------------------------------------------------------------------
 
-    def run(self) -> dict:
+    def c_base(self) -> None:
+        s = self.sizes
+        self.results["c"] = {
+            "base": self.distributor(self.base, s.distributor_epochs, s.distributor_rounds, "base")
+        }
+
+    def c_largest(self) -> None:
+        if self.largest == self.base:
+            # Smoke: the largest scale is the base data, compared in c already.
+            largest = dict(self.results["c"]["base"])
+        else:
+            largest = self.distributor(self.largest, 1, 1, "largest")
+        largest["scale"] = self.sizes.scales[-1]
+        self.results["c_largest"] = largest
+
+    @property
+    def partial_path(self) -> Path:
+        return self.out / "benchmark.partial.json"
+
+    def run(self, resume: bool = False) -> dict:
+        """Runs every section in order, saving the results after each; with `resume`,
+        sections that a previous run of the same sizes saved are not run again."""
         started = time.perf_counter()
         self.out.mkdir(parents=True, exist_ok=True)
-        self.base_data()
-        self.machine_section()
-        self.reader_and_scaling()
-        self.physical_limit()
-        if self.sizes.profile:
-            self.profiles()
-        self.results["c"] = {
-            "base": self.distributor(
-                self.base, self.sizes.distributor_epochs, self.sizes.distributor_rounds, "base"
+        done: dict = {}
+        if resume and self.partial_path.exists():
+            saved = read_json(self.partial_path)
+            if saved.get("sizes") == json.loads(json.dumps(asdict(self.sizes))):
+                done = saved["sections"]
+                self.results = saved["results"]
+                log.info("resuming: %s already measured", ", ".join(done))
+            else:
+                log.warning("%s holds another size of run; starting over", self.partial_path)
+        self.base = self.data / "base"
+        sections = [
+            ("e", self.base_data),
+            ("machine", self.machine_section),
+            ("a+b", self.reader_and_scaling),
+            ("g", self.physical_limit),
+            ("profile", self.profiles if self.sizes.profile else None),
+            ("c", self.c_base),
+            ("d", self.learners),
+            ("f", self.scale),
+            ("c largest", self.c_largest),
+        ]
+        for name, section in sections:
+            if section is None:
+                continue
+            if name in done:
+                if name == "f":
+                    self.largest = Path(done[name]["largest"])
+                continue
+            section_started = time.perf_counter()
+            section()
+            done[name] = {"seconds": time.perf_counter() - section_started}
+            if name == "f":
+                done[name]["largest"] = str(self.largest)
+            write_json(
+                self.partial_path,
+                {"sizes": asdict(self.sizes), "sections": done, "results": self.results},
             )
-        }
-        self.learners()
-        self.scale()
-        self.results["c"]["largest"] = self.distributor(self.largest, 1, 1, "largest")
-        self.results["c"]["largest"]["scale"] = self.sizes.scales[-1]
+        self.results["c"]["largest"] = self.results.pop("c_largest")
         report = {
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "config": self.config_path,
             "sizes": asdict(self.sizes),
-            "wall_s": time.perf_counter() - started,
+            "wall_s": sum(d["seconds"] for d in done.values()),
+            "section_s": {name: d["seconds"] for name, d in done.items()},
             **{key: self.results[key] for key in ("machine", "a", "b", "c", "d", "e", "f", "g")},
             "profile": self.results.get("profile"),
         }
@@ -551,6 +611,8 @@ class Benchmark:
         write_json(self.out / "benchmark.json", report)
         (self.out / "benchmark.md").write_text(markdown(report))
         shutil.rmtree(self.work, ignore_errors=True)
+        self.partial_path.unlink()
+        log.info("this invocation: %.1f min", (time.perf_counter() - started) / 60)
         return report
 
 
@@ -640,11 +702,13 @@ def targets(report: dict) -> list[dict]:
     return out
 
 
-def run_benchmark(config_path: str, out: str, smoke: bool, scales: list[float] | None) -> dict:
+def run_benchmark(
+    config_path: str, out: str, smoke: bool, scales: list[float] | None, resume: bool = False
+) -> dict:
     sizes = SMOKE if smoke else FULL
     if scales:
         sizes = Sizes(**{**asdict(sizes), "scales": tuple(scales)})
-    return Benchmark(config_path, Path(out), sizes).run()
+    return Benchmark(config_path, Path(out), sizes).run(resume)
 
 
 def load_report(path: Path) -> dict:
