@@ -563,9 +563,18 @@ class Benchmark:
         done: dict = {}
         if resume and self.partial_path.exists():
             saved = read_json(self.partial_path)
-            if saved.get("sizes") == json.loads(json.dumps(asdict(self.sizes))):
+            wanted = json.loads(json.dumps(asdict(self.sizes)))
+            same_but_scales = {**saved.get("sizes", {}), "scales": wanted["scales"]} == wanted
+            if same_but_scales:
                 done = saved["sections"]
                 self.results = saved["results"]
+                if saved["sizes"]["scales"] != wanted["scales"]:
+                    # Other scales: the scale section and the comparison at the largest
+                    # one run again; the rest stands.
+                    for name in ("f", "c largest"):
+                        done.pop(name, None)
+                    self.results.pop("c_largest", None)
+                    self.results["e"]["by_scale"] = []
                 log.info("resuming: %s already measured", ", ".join(done))
             else:
                 log.warning("%s holds another size of run; starting over", self.partial_path)
