@@ -75,6 +75,38 @@ def ranks_summary(run_dir: RunDir) -> dict:
 # ---------------------------------------------------------------------------------------
 
 
+def reader_alone(run_dir: RunDir, config, workers: int) -> dict:
+    """Rank 0's reader for one epoch with no training behind it (in this process, as
+    the rank would read: one Arrow thread, the configured read-ahead): how long the
+    first batch takes (paid at every epoch start) and the steady rate after it."""
+    from sparknet.train.data import iterate_rank
+    from sparknet.train.plan import ShardPlan
+
+    plan = ShardPlan.from_json(read_json(run_dir.shard_plan)["train"])
+    columns = read_json(run_dir.shards_manifest)["columns"]
+    epochs = []
+    for epoch in range(2):
+        started = time.perf_counter()
+        batches = iterate_rank(
+            plan, 0, epoch, config.train.seed, columns,
+            prefetch_row_groups=config.train.prefetch_row_groups, reader_threads=1,
+        )  # fmt: skip
+        first = next(batches)
+        first_s = time.perf_counter() - started
+        rows = len(first[0]) + sum(len(ids) for ids, _, _ in batches)
+        total_s = time.perf_counter() - started
+        epochs.append(
+            {
+                "first_batch_s": first_s,
+                "epoch_s": total_s,
+                "rows": rows,
+                "rows_per_s": rows / total_s,
+                "rows_per_s_after_first_batch": (rows - len(first[0])) / (total_s - first_s),
+            }
+        )
+    return {"world_size": workers, "epochs": epochs}
+
+
 def train_kind(params: dict) -> dict:
     """sparknet's train stage (and optionally evaluate), once per entry of `runs`, in
     one Spark; each run in its own run directory over the same shards."""
@@ -141,6 +173,10 @@ def train_kind(params: dict) -> dict:
             }
             if profiler is not None:
                 result["profile"] = profiler.report()
+                if result["feed"] == "stream":
+                    result["profile"]["reader_alone"] = reader_alone(
+                        run_dir, config, run["workers"]
+                    )
             if params.get("evaluate"):
                 started = time.perf_counter()
                 metrics = evaluate(spark, config, run_dir)

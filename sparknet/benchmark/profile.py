@@ -18,15 +18,21 @@ import time
 from collections import Counter
 from pathlib import Path
 
-# (phase, markers): a marker is the start of a frame, "function (file".
+# (phase, markers): a marker is found anywhere in a frame ("function (file:line)").
+START_UP = ["imports", "rendezvous", "DDP set-up", "teardown", "outside run_rank"]
+OUTER = {"rendezvous", "DDP set-up", "teardown", "validation", "checkpoint"}
 MAIN_PHASES = [
+    ("imports", ["<frozen importlib", "<frozen zipimport"]),
+    ("rendezvous", ["init_process_group (sparknet/train/worker.py"]),
+    ("DDP set-up", ["_verify_param_shape", "DistributedDataParallel.__init__"]),
+    ("teardown", ["shut_down (sparknet/train/worker.py"]),
     ("wait for data (queue)", ["Queue.get (queue.py"]),
-    ("cut batches", ["_cut_batches (sparknet/train/data.py"]),
-    ("in-memory gather", ["iterate_memory", "parts (sparknet/train/data.py"]),
+    ("cut batches", ["_cut_batches"]),
+    ("in-memory gather", ["iterate_memory", "load_groups"]),
     ("allreduce wait", ["all_reduce (sparknet/train/worker.py", "_gather_equal"]),
-    ("backward (incl. DDP gradient allreduce)", ["backward (torch/"]),
-    ("forward", ["_call_impl (torch/nn/modules/module.py", "forward (torch/"]),
-    ("optimizer step", ["step (torch/optim/", "wrapper (torch/optim/"]),
+    ("backward (incl. DDP gradient allreduce)", ["backward (torch/", "_engine_run_backward"]),
+    ("forward", ["_call_impl (torch/nn/modules/module.py", "forward (torch/", "dropout (torch"]),
+    ("optimizer step", ["(torch/optim/"]),
     ("validation", ["_validate (sparknet/train/worker.py"]),
     ("checkpoint", ["_checkpoint (sparknet/train/worker.py"]),
     ("progress events", ["EventClient"]),
@@ -42,9 +48,18 @@ PREFETCH_PHASES = [
 
 
 def classify(frames: list[str], phases: list[tuple[str, list[str]]]) -> str:
+    """The phase of the innermost frame that has a marker; main-thread samples outside
+    run_rank are the Spark worker's own (before and after the task)."""
+    if phases is MAIN_PHASES:
+        if not any("run_rank (sparknet" in f for f in frames):
+            return "outside run_rank"
+        # Whole phases whose own waits and reads must not count as the loop's.
+        for phase, markers in MAIN_PHASES:
+            if phase in OUTER and any(m in f for f in frames for m in markers):
+                return phase
     for frame in reversed(frames):
         for phase, markers in phases:
-            if any(frame.startswith(m) or m in frame for m in markers):
+            if any(m in frame for m in markers):
                 return phase
     return "other"
 
@@ -63,7 +78,8 @@ def summarise(raw: str) -> dict:
         frames = frames[1:]
         if "MainThread" in thread:
             role, table = "main", MAIN_PHASES
-        elif "sparknet-prefetch" in thread:
+        elif "sparknet-prefetch" in thread and any("produce (sparknet" in f for f in frames):
+            # (py-spy names threads by OS id, which a later thread may reuse.)
             role, table = "prefetch", PREFETCH_PHASES
         else:
             role, table = "other", []
@@ -71,6 +87,14 @@ def summarise(raw: str) -> dict:
         if frames:
             leaves[role][frames[-1]] += int(count)
     out = {}
+    loop = Counter({k: v for k, v in phases["main"].items() if k not in START_UP})
+    if loop:
+        # The main thread once it trains: start-up and teardown left out.
+        total = sum(loop.values())
+        out["main_training"] = {
+            "samples": total,
+            "phases": {k: v / total for k, v in loop.most_common()},
+        }
     for role, counter in phases.items():
         total = sum(counter.values())
         if not total:
@@ -89,7 +113,7 @@ class RankProfiler:
     """Starts `py-spy record` on every rank listed in `ranks_file` once it appears, stops
     them (SIGINT: py-spy then writes its file) on exit."""
 
-    def __init__(self, ranks_file: Path, out_dir: Path, rate: int = 100) -> None:
+    def __init__(self, ranks_file: Path, out_dir: Path, rate: int = 200) -> None:
         self.ranks_file = ranks_file
         self.out_dir = out_dir
         self.rate = rate

@@ -250,17 +250,34 @@ def markdown(report: dict) -> str:
     )
     profile = report.get("profile") or {}
     if profile and "skipped" not in profile:
-        lines += ["", "### Profiles (py-spy, every thread, idle included)", ""]
+        lines += [
+            "",
+            "### Profiles (py-spy, every thread, idle included)",
+            "",
+            "main_training: the rank's main thread once it trains (imports, rendezvous, DDP "
+            "set-up and teardown left out); prefetch: the thread that streams the shards.",
+            "",
+        ]
         rows = []
         for run, ranks in profile.items():
             for rank, threads in ranks.items():
-                if rank == "samples_per_s":
+                if not rank.startswith("rank"):
                     continue
-                for thread in ("main", "prefetch"):
+                for thread in ("main_training", "prefetch"):
                     if thread in threads:
                         top = ", ".join(
                             f"{k} {v:.0%}" for k, v in list(threads[thread]["phases"].items())[:6]
                         )
                         rows.append([run, rank, thread, top])
         lines += _table(["run", "rank", "thread", "share of samples by phase"], rows)
+        readers = [(run, r["reader_alone"]) for run, r in profile.items() if "reader_alone" in r]
+        if readers:
+            lines += ["", "The reader alone (rank 0, no training behind it), per epoch:", ""]
+            lines += _table(
+                ["run", "world size", "epoch", "first batch s", "epoch s", "rows/s",
+                 "rows/s after the first batch"],
+                [[run, r["world_size"], i, e["first_batch_s"], e["epoch_s"], e["rows_per_s"],
+                  e["rows_per_s_after_first_batch"]]
+                 for run, r in readers for i, e in enumerate(r["epochs"])],
+            )  # fmt: skip
     return "\n".join(lines) + "\n"
