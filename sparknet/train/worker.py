@@ -331,7 +331,7 @@ def _train(spec: TaskSpec, context, events: EventClient) -> dict:
     import torch
     from torch.nn.parallel import DistributedDataParallel
 
-    from sparknet.train.data import iterate_memory, iterate_rank
+    from sparknet.train.data import iterate_memory, iterate_rank, load_groups
     from sparknet.train.model import build_mlp, save_model, state_to_bytes, task_loss
     from sparknet.train.optim import (
         EarlyStopping,
@@ -381,8 +381,6 @@ def _train(spec: TaskSpec, context, events: EventClient) -> dict:
         best_state, history = run.best_state, run.history
         in_memory = None
         if spec.feed == "memory":
-            from sparknet.train.data import load_groups
-
             events.at(run.epoch, run.step, "read")
             in_memory = load_groups(plan, model_spec.columns)
 
