@@ -50,7 +50,7 @@ def test_ratios_pair_rounds_and_report_their_spread():
 
 def test_peak_memory_sees_a_child_process_grow():
     grow = (
-        "import time; b = bytearray(200 * 2**20); b[::4096] = b'x' * len(b[::4096]); time.sleep(1)"
+        "import time; b = bytearray(200 * 2**20); b[::4096] = b'x' * len(b[::4096]); time.sleep(2)"
     )
     with PeakMemory(interval_s=0.05) as memory:
         proc = subprocess.Popen([sys.executable, "-c", grow])

@@ -75,6 +75,7 @@ def ratios(numerator: list[float], denominator: list[float]) -> dict:
 
 
 RANK_ROLE = "training rank (Spark python worker)"
+YOUNG_S = 1.0
 
 
 def _role(proc, ranks: set[int]) -> str:
@@ -157,19 +158,23 @@ class PeakMemory:
             procs = [me, *me.children(recursive=True)]
         except psutil.Error:
             return
+        now = time.time()
         for proc in procs:
             try:
+                # A child forked moments ago shares its parent's pages until it execs
+                # (and inherits its VmHWM): a JVM spawning a process would count twice.
+                if now - proc.create_time() < YOUNG_S:
+                    continue
                 rss = proc.memory_info().rss
             except psutil.Error:
                 continue
             hwm = _vm_hwm_bytes(proc.pid) or 0
             entry = self.peaks.setdefault(proc.pid, {"pid": proc.pid, "peak_rss_bytes": 0})
-            # Asked again each time: a launcher script becomes the JVM when it execs, and
-            # a Python worker becomes a rank when ranks.json appears; a rank stays one.
-            if entry.get("role") != RANK_ROLE:
-                role = _role(proc, ranks)
-                if role != "gone" or "role" not in entry:
-                    entry["role"] = role
+            if entry.get("role") in (None, "gone", "bash", "sh") or proc.pid in ranks:
+                # Asked until it is known: a launcher script becomes the JVM when it
+                # execs, a Python worker becomes a rank when ranks.json names it; a
+                # worker orphaned when its daemon exits stays a worker.
+                entry["role"] = _role(proc, ranks)
             entry["peak_rss_bytes"] = max(entry["peak_rss_bytes"], rss, hwm)
 
     def _run(self) -> None:
