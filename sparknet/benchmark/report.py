@@ -106,7 +106,8 @@ def markdown(report: dict) -> str:
             "b. 2 workers × 1 thread / 1 worker × 2 threads", b["two_workers_over_two_threads"]
         ),
     ]
-    for key, label in (("base", "base data"), ("largest", f"{c['largest'].get('scale', '')}x")):
+    largest_label = f"{c['largest']['scale']:g}x" if "scale" in c["largest"] else "largest"
+    for key, label in (("base", "base data"), ("largest", largest_label)):
         part = c[key]
         if part["torch_distributor_finished"]:
             lines.append(
@@ -177,7 +178,7 @@ def markdown(report: dict) -> str:
             for r in part[name]:
                 rows.append(
                     [
-                        key if key == "base" else f"{part.get('scale')}x",
+                        key if key == "base" else largest_label,
                         name,
                         part["epochs"],
                         r.get("process_wall_s"),
