@@ -148,20 +148,25 @@ def gloo_allreduce_seconds(sizes: list[int], iters: int = 200) -> dict[int, floa
         return {int(k): float(v) for k, v in ast.literal_eval(Path(out).read_text()).items()}
 
 
-def probe(gradient_values: int) -> dict:
-    """The machine section of the report. `gradient_values` is the model's parameter
-    count: the allreduce DDP does every step."""
+def probe() -> dict:
+    """The machine section of the report, measured before anything else runs."""
     facts = cpu_facts()
     facts["numpy_matmul_gflops"] = numpy_matmul_gflops()
     big = [(1024, 1024, 1024)]
     facts["torch_matmul_gflops_1_thread"] = torch_matmul_gflops(big, 1)
     facts["torch_matmul_gflops_all_threads"] = torch_matmul_gflops(big, facts["usable_cpus"])
-    # The step's small allreduce (per-rank loss and row counts: world_size + 2 float64)
-    # and DDP's gradient allreduce.
-    sizes = sorted({8, gradient_values})
-    latency = gloo_allreduce_seconds(sizes)
-    facts["gloo_allreduce_s"] = {str(k): v for k, v in latency.items()}
+    # The step's small allreduce (per-rank loss and row counts: world_size + 2 float64);
+    # DDP's gradient allreduce is measured once the model's size is known (add_gradient).
+    latency = gloo_allreduce_seconds([8])
+    facts["gloo_allreduce_s"] = {"8": latency[8]}
     facts["gloo_allreduce_small_s"] = latency[8]
-    facts["gloo_allreduce_gradient_s"] = latency[gradient_values]
-    facts["gradient_values"] = gradient_values
     return facts
+
+
+def add_gradient(facts: dict, gradient_values: int) -> None:
+    """The allreduce of the model's gradient (its parameter count), which DDP does
+    every step: known only after PCA has fixed the number of inputs."""
+    latency = gloo_allreduce_seconds([gradient_values])[gradient_values]
+    facts["gloo_allreduce_s"][str(gradient_values)] = latency
+    facts["gloo_allreduce_gradient_s"] = latency
+    facts["gradient_values"] = gradient_values
