@@ -86,11 +86,9 @@ def main(stages: Sequence[str], argv: Sequence[str] | None = None) -> int:
                 )
             report = STAGES[name](spark, config, run_dir)
             rows = rows_of(name, report)
-            log.info(
-                "done: %sin %.1f s",
-                f"{rows} rows " if rows is not None else "",
-                time.perf_counter() - stage_started,
-            )
+            seconds = time.perf_counter() - stage_started
+            log.info("done: %sin %.1f s", f"{rows} rows " if rows is not None else "", seconds)
+            run_dir.record_timing(name, seconds, list(STAGES))
             # Here, not inside the stages: a stage's outputs are the run directory;
             # tracking copies them elsewhere and is off unless configured.
             after_stage(name, config, run_dir)

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from browser import assert_renders_with_images
 
 from conftest import REPO
 from sparknet.run_dir import RunDir, read_json
@@ -95,6 +96,39 @@ def test_model_beats_the_majority_baseline(pipeline_run):
     assert metrics["model"]["roc_auc"] > 0.65
     assert metrics["model"]["log_loss"] < metrics["majority_baseline"]["log_loss"]
     assert "majority_baseline" in log and "roc_auc" in log
+
+
+def test_comparison_table_has_every_model_on_the_test_split(pipeline_run):
+    run_dir, _, log, _ = pipeline_run
+    metrics = read_json(run_dir.metrics)
+    comparison = metrics["comparison"]
+    models = {m["name"].split(" (")[0]: m for m in comparison["models"]}
+    assert set(models) == {
+        "majority baseline",
+        "sklearn LogisticRegression",
+        "sklearn HistGradientBoostingClassifier",
+        "Spark ML MultilayerPerceptronClassifier",
+        "sparknet MLP [128, 64]",
+    }
+    assert comparison["test_rows"] == metrics["rows"]
+    network = models["sparknet MLP [128, 64]"]
+    assert network["roc_auc"] == pytest.approx(metrics["model"]["roc_auc"], rel=1e-12)
+    for name, m in models.items():
+        assert m["fit_seconds"] is not None and m["log_loss"] > 0, name
+        if name != "majority baseline":
+            assert m["roc_auc"] > 0.6, name
+    assert "comparison on the test split" in log and "HistGradientBoostingClassifier" in log
+
+
+def test_report_opens_in_chromium_with_its_images(pipeline_run, tmp_path):
+    run_dir, _, _, _ = pipeline_run
+    timings = read_json(run_dir.timings)
+    assert list(timings) == ["ingest", "clean", "features", "shard", "train", "evaluate"]
+    page = run_dir.report.read_text()
+    for stage in ("clean", "features", "shard", "train"):
+        assert f"<td>{stage}</td>" in page
+    assert "Spark ML MultilayerPerceptronClassifier" in page
+    assert_renders_with_images(run_dir.report, tmp_path)
 
 
 def test_stage_runs_unchanged_under_spark_submit(pipeline_run):
