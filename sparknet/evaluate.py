@@ -257,9 +257,9 @@ def evaluate(spark: SparkSession, config: Config, run_dir: RunDir) -> dict:
             },
         )
         log.info(
-            "comparison on the test split (%d rows; scikit-learn fit on %s):\n%s",
+            "comparison on the test split (%d rows; the comparison models fit on %s):\n%s",
             len(y),
-            metrics["comparison"]["sklearn_fit_on"],
+            metrics["comparison"]["sample"],
             comparison_text(spec.task, metrics["comparison"]),
         )
     write_json(run_dir.metrics, metrics)

@@ -149,8 +149,8 @@ def _comparison_section(task: str, metrics: dict) -> str:
     ]
     return (
         f"<p class='note'>Same features ({_e(comparison['features'])}) and the same "
-        f"{comparison['test_rows']:,} test rows for every model. scikit-learn models fit on "
-        f"{_e(comparison['sklearn_fit_on'])}; the network's seconds are the whole train "
+        f"{comparison['test_rows']:,} test rows for every model. scikit-learn and Spark ML "
+        f"fit on {_e(comparison['sample'])}; the network's seconds are the whole train "
         "stage.</p>" + table(["model", *frame.columns], rows)
     )
 
