@@ -100,10 +100,12 @@ def load_artifact(run_dir: RunDir, config: Config) -> Artifact:
     return Artifact(root=root, config=saved, card=card, spec=spec, state=state)
 
 
-def check_input(df: DataFrame, config: Config) -> DataFrame:
+def check_input(df: DataFrame, config: Config, from_files: bool = False) -> DataFrame:
     """Refuses a DataFrame lacking a required column, or holding one in a type that
     cannot hold it; returns the columns as text, shaped as clean.read_raw reads files
-    (absent optional columns are missing values)."""
+    (absent optional columns are missing values). The source file is recorded only
+    for a DataFrame read straight from files: Spark refuses input_file_name() above a
+    join or union."""
     src = config.sources[config.main]
     present = {f.name: f.dataType for f in df.schema.fields}
     required = set(required_columns(config))
@@ -131,8 +133,9 @@ def check_input(df: DataFrame, config: Config) -> DataFrame:
                 f"{spec.type} or as text"
             )
         columns.append(F.col(f"`{name}`").cast("string").alias(c))
+    source_file = F.input_file_name() if from_files else F.lit(None).cast("string")
     return df.select(
-        *columns, F.lit(None).cast("string").alias(CORRUPT), F.input_file_name().alias(SOURCE_FILE)
+        *columns, F.lit(None).cast("string").alias(CORRUPT), source_file.alias(SOURCE_FILE)
     )
 
 
@@ -258,7 +261,7 @@ def read_input(spark: SparkSession, config: Config, path: str, fmt: str | None =
     src = config.sources[config.main]
     fmt = fmt or src.format
     if fmt == "parquet":
-        return check_input(spark.read.parquet(path), config)
+        return check_input(spark.read.parquet(path), config, from_files=True)
     return read_raw(spark, config.main, dataclasses.replace(src, format=fmt), path)
 
 
