@@ -238,3 +238,27 @@ def pipeline_run(tmp_path_factory, flights_sample):
     )
     assert code == 0, log[-5000:]
     return run_dir, n_rows, log, config_path
+
+
+def evaluated_by_key(spark, run_dir, config):
+    """What the evaluate stage computes for each test row (pandas), keyed by the split
+    key: evaluate.score over the test shard, with each sample id traced back to its row
+    through the shard stage's own ordering."""
+    from pyspark.sql import functions as F
+
+    from sparknet.evaluate import score
+    from sparknet.features import SPLIT
+    from sparknet.shard import SAMPLE_ID, with_dense_ids
+    from sparknet.train.model import load_model_files
+
+    key = list(config.split.key)
+    spec, state = load_model_files(run_dir.model)
+    test_shard = spark.read.parquet(str(run_dir.shard("test")))
+    by_id = score(test_shard, spec, state).toPandas()
+
+    features = spark.read.parquet(str(run_dir.features)).filter(F.col(SPLIT) == "test")
+    shuffle_key = F.xxhash64(F.lit(config.split.seed), *[F.col(c) for c in key])
+    ids = with_dense_ids(features.select(*key), [shuffle_key, *[F.col(c) for c in key]])
+    out = ids.select(SAMPLE_ID, *key).toPandas().merge(by_id, on=SAMPLE_ID, validate="1:1")
+    assert len(out) == len(by_id) == test_shard.count()
+    return out

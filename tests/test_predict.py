@@ -11,16 +11,14 @@ import pytest
 import torch
 from pyspark.sql import functions as F
 
-from conftest import run_job
+from conftest import evaluated_by_key, run_job
 from sparknet.config import load_config
 from sparknet.errors import DataError
-from sparknet.evaluate import score
 from sparknet.export import CARD, SCORER, export
 from sparknet.features import SPLIT
 from sparknet.predict import network_for, predict
 from sparknet.run_dir import read_json
-from sparknet.shard import SAMPLE_ID, component_columns, with_dense_ids
-from sparknet.train.model import load_model_files
+from sparknet.shard import SAMPLE_ID, component_columns
 
 pytestmark = pytest.mark.slow
 
@@ -40,22 +38,8 @@ def run(spark, pipeline_run):
 
 @pytest.fixture(scope="module")
 def evaluated(spark, run):
-    """What the evaluate stage computes for each test row, keyed by the split key:
-    evaluate.score over the test shard, with each sample id traced back to its flight
-    through the shard stage's own ordering."""
     run_dir, config = run
-    key = list(config.split.key)
-    spec, state = load_model_files(run_dir.model)
-    test_shard = spark.read.parquet(str(run_dir.shard("test")))
-    by_id = score(test_shard, spec, state).toPandas()
-
-    features = spark.read.parquet(str(run_dir.features)).filter(F.col(SPLIT) == "test")
-    shuffle_key = F.xxhash64(F.lit(config.split.seed), *[F.col(c) for c in key])
-    ids = with_dense_ids(features.select(*key), [shuffle_key, *[F.col(c) for c in key]])
-    keys = ids.select(SAMPLE_ID, *key).toPandas()
-    out = keys.merge(by_id, on=SAMPLE_ID, validate="one_to_one")
-    assert len(out) == len(by_id) == test_shard.count()
-    return out, features.schema
+    return evaluated_by_key(spark, run_dir, config)
 
 
 @pytest.fixture(scope="module")
@@ -73,10 +57,9 @@ def test_split_raw(spark, run, flights_sample):
 
 
 def joined_with_evaluate(evaluated, scored: pd.DataFrame, key: list[str]) -> pd.DataFrame:
-    expected, schema = evaluated
+    expected = evaluated
     scored = scored.astype({c: expected[c].dtype for c in key})
-    both = expected.merge(scored, on=key, suffixes=("_evaluate", "_predict"), validate="1:1")
-    return both
+    return expected.merge(scored, on=key, suffixes=("_evaluate", "_predict"), validate="1:1")
 
 
 def test_predict_reproduces_evaluate_row_by_row(spark, run, evaluated, test_split_raw):
@@ -86,7 +69,7 @@ def test_predict_reproduces_evaluate_row_by_row(spark, run, evaluated, test_spli
     scored = scored.toPandas()
 
     assert rejects.count() == 0
-    assert len(scored) == test_split_raw.count() == len(evaluated[0])
+    assert len(scored) == test_split_raw.count() == len(evaluated)
     both = joined_with_evaluate(evaluated, scored, key)
     assert len(both) == len(scored)
     diff = np.abs(both["probability_evaluate"] - both["probability_predict"])
@@ -179,7 +162,7 @@ def test_typed_input_scores_like_text(spark, run, evaluated, test_split_raw):
     )
     scored, _ = predict(spark, config, run_dir, typed)
     both = joined_with_evaluate(evaluated, scored.toPandas(), key)
-    assert len(both) == len(evaluated[0])
+    assert len(both) == len(evaluated)
     assert np.abs(both["probability_evaluate"] - both["probability_predict"]).max() <= TOLERANCE
 
 
@@ -210,7 +193,7 @@ def test_artifact_card_and_torchscript(spark, run, evaluated):
     x = torch.from_numpy(test[component_columns(pca["k"])].to_numpy(np.float32))
     with torch.no_grad():
         p = scorer(x).numpy()
-    expected, _ = evaluated
+    expected = evaluated
     by_id = expected.set_index(SAMPLE_ID).loc[test[SAMPLE_ID], "probability"].to_numpy()
     assert np.abs(p - by_id).max() <= TOLERANCE
     # The state dict loads without unpickling arbitrary objects.
