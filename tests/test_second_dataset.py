@@ -126,5 +126,7 @@ def test_body_mass_as_a_regression_target(spark, tmp_path):
     assert model["rmse"] < 0.6 * baseline["rmse"] and 100 < model["rmse"] < 500
 
     both, _ = scored_like_evaluate(spark, data, run_dir)
-    assert np.abs(both["prediction_evaluate"] - both["prediction_predict"]).max() <= 1e-6
+    # Relative: the network's float32 output is in standard units, and its last-bit
+    # differences between batch sizes are scaled by the target's std (about 800 g).
+    np.testing.assert_allclose(both["prediction_predict"], both["prediction_evaluate"], rtol=1e-6)
     assert (both["predicted_mass"] == both["prediction_predict"]).all()
