@@ -20,6 +20,7 @@ run alone given the folder the previous stages wrote.
       train.json           train: per-epoch history, per-rank sample accounting
       checkpoints/         train: the latest checkpoints, resumed by a relaunch
       metrics.json         evaluate: test metrics and baselines
+      artifact/            export: everything scoring needs (see sparknet/export.py)
 """
 
 from __future__ import annotations
@@ -114,6 +115,10 @@ class RunDir:
     def metrics(self) -> Path:
         return self.root / "metrics.json"
 
+    @property
+    def artifact(self) -> Path:
+        return self.root / "artifact"
+
     def outputs(self, stage: str) -> list[Path]:
         """What `stage` writes (ingest's raw/ is left out: users may place raw files there
         themselves)."""
@@ -124,6 +129,7 @@ class RunDir:
             "shard": [self.shards, self.shards_manifest],
             "train": [self.train_dir, self.model, self.train_report],
             "evaluate": [self.metrics],
+            "export": [self.artifact],
         }[stage]
 
     def clear_from(self, stage: str, order: list[str]) -> list[Path]:
