@@ -156,10 +156,13 @@ def export(spark: SparkSession, config: Config, run_dir: RunDir) -> dict:
     run_dir.require(run_dir.train_report, "train")  # written last: training finished
     spec, state = load_model_files(run_dir.model)
     pca = read_json(run_dir.require(run_dir.pca, "features"))
-    if spec.n_inputs != pca["k"]:
+    # Target-encoded columns are appended after the k components (pca.json says which).
+    width = pca.get("n_features_out", pca["k"])
+    if spec.n_inputs != width:
         raise RunDirError(
-            f"{run_dir.model} takes {spec.n_inputs} inputs but {run_dir.pca} has k={pca['k']}; "
-            "rerun the 'shard' and 'train' stages"
+            f"{run_dir.model} takes {spec.n_inputs} inputs but {run_dir.pca} describes "
+            f"{width} (k={pca['k']} components + {width - pca['k']} appended); rerun the "
+            "'shard' and 'train' stages"
         )
 
     final = run_dir.artifact
@@ -253,6 +256,7 @@ def model_card(
         },
         "pca": {
             "k": pca["k"],
+            "appended_features": pca.get("appended_features", []),
             "variance_kept": pca["variance_kept"],
             "n_features_in": pca["n_features_in"],
         },
