@@ -187,10 +187,15 @@ def test_artifact_card_and_torchscript(spark, run, evaluated):
     assert columns["arr_delay"]["required"] is False
     assert card["input"]["id"] == list(config.split.key)
 
+    # The network reads the k components, then the appended target encodings.
+    inputs = card["network"]["inputs"]
+    assert inputs[: pca["k"]] == component_columns(pca["k"])
+    assert len(inputs) == pca.get("n_features_out", pca["k"])
+
     # TorchScript alone (no sparknet model code) gives evaluate's probabilities.
     scorer = torch.jit.load(str(root / "network" / SCORER))
     test = spark.read.parquet(str(run_dir.shard("test"))).toPandas()
-    x = torch.from_numpy(test[component_columns(pca["k"])].to_numpy(np.float32))
+    x = torch.from_numpy(test[inputs].to_numpy(np.float32))
     with torch.no_grad():
         p = scorer(x).numpy()
     expected = evaluated
