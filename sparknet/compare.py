@@ -46,6 +46,14 @@ log = logging.getLogger(__name__)
 EPS = 1e-7
 
 
+def describe_inputs(columns: list[str]) -> str:
+    """The network's inputs in words: the PCA components, then any appended encodings."""
+    components = sum(c.startswith("pc_") for c in columns)
+    appended = len(columns) - components
+    text = f"the network's {len(columns)} inputs from the shards: {components} PCA components"
+    return text + (f" and {appended} target encodings" if appended else "")
+
+
 def binary_scores(y: np.ndarray, p: np.ndarray) -> dict:
     """y (n,) 0/1, p (n,) positive-class probability; the class is p >= 0.5."""
     p = np.clip(p, EPS, 1 - EPS)
@@ -239,7 +247,7 @@ def compare(
     return {
         "split": "test",
         "test_rows": int(len(y_test)),
-        "features": f"the {len(columns)} PCA components in the shards",
+        "features": describe_inputs(columns),
         "sample_rows": int(len(y_fit)),
         "sample": (
             f"the first {len(y_fit)} sample ids of the {n_train}-row train split "

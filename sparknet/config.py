@@ -131,6 +131,21 @@ class ImputeConfig:
 
 
 @dataclass(frozen=True)
+class TargetEncodingConfig:
+    """How `features.target_encoded` columns are encoded (sparknet/target_encoding.py):
+    the m-estimate's `strength` (rows' worth of prior mixed into each category's mean)
+    and the number of folds the train rows are encoded out of. With `pca` false (the
+    default) the encoded columns skip PCA: standardised, they follow the components.
+    PCA ranks directions by variance, blind to the label: among ~140 standardised flights
+    columns its kept components held 41% of the squared length of a date encoding's axis,
+    and test ROC AUC was 0.012 lower than with the encoding appended."""
+
+    strength: float = 20.0
+    folds: int = 5
+    pca: bool = False
+
+
+@dataclass(frozen=True)
 class FeaturesConfig:
     numeric: list[str]
     categorical: list[str] = field(default_factory=list)
@@ -141,6 +156,10 @@ class FeaturesConfig:
     # {numeric feature: [low quantile, high quantile]}: values outside the train split's
     # quantiles are clipped to them, e.g. [0.001, 0.999].
     clip: dict[str, list[float]] = field(default_factory=dict)
+    # High-cardinality categoricals replaced by their smoothed mean label on the train
+    # split (one column per class for multiclass) instead of one-hot slots.
+    target_encoded: list[str] = field(default_factory=list)
+    target_encoding: TargetEncodingConfig = field(default_factory=TargetEncodingConfig)
 
     def impute_for(self, column: str) -> ImputeConfig:
         if column in self.impute_columns:
@@ -459,6 +478,11 @@ def _check_features(c: Config, w: str) -> None:
             _one_of(f"{where}.strategy", policy.strategy, NUMERIC_IMPUTE)
         elif col in f.categorical:
             _one_of(f"{where}.strategy", policy.strategy, CATEGORICAL_IMPUTE)
+        elif col in f.target_encoded:
+            raise ConfigError(
+                f"{where}: '{col}' is target-encoded: missing values get the train prior, "
+                "there is nothing to impute"
+            )
         else:
             raise ConfigError(f"{where}: '{col}' is not a numeric or categorical feature")
         if (policy.strategy == "constant") != (policy.value is not None):
@@ -472,6 +496,17 @@ def _check_features(c: Config, w: str) -> None:
                     f"{where}.value: '{policy.value}' is not a finite number for numeric "
                     f"feature {col}"
                 ) from None
+    te = f.target_encoding
+    if not (math.isfinite(te.strength) and te.strength >= 0):
+        raise ConfigError(
+            f"{w}: features.target_encoding.strength: must be a finite number >= 0 (rows' "
+            f"worth of prior in each category's mean; 0: no smoothing), got {te.strength}"
+        )
+    if not 2 <= te.folds <= 100:
+        raise ConfigError(
+            f"{w}: features.target_encoding.folds: must be in [2, 100] (train rows are "
+            f"encoded with the statistics of the other folds), got {te.folds}"
+        )
     for col, quantiles in f.clip.items():
         where = f"{w}: features.clip.{col}"
         if col not in f.numeric:
@@ -640,14 +675,14 @@ def _check(c: Config) -> None:
                 "give the derived column a new name"
             )
         available.add(name)
-    for listed in ("numeric", "categorical"):
+    for listed in ("numeric", "categorical", "target_encoded"):
         for col in getattr(c.features, listed):
             if col not in available:
                 raise ConfigError(
                     f"{w}: features.{listed}: '{col}' is neither a cleaned, joined "
                     "nor derived column"
                 )
-    for listed in ("numeric", "categorical"):
+    for listed in ("numeric", "categorical", "target_encoded"):
         names = getattr(c.features, listed)
         repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:
@@ -658,15 +693,29 @@ def _check(c: Config) -> None:
                 f"{w}: features.numeric: '{col}' is a {types[col]} column; list it under "
                 "categorical, or derive a number from it in features.derived"
             )
-    if c.label.name in c.features.numeric + c.features.categorical:
+    if c.label.name in c.features.numeric + c.features.categorical + c.features.target_encoded:
         raise ConfigError(f"{w}: features: '{c.label.name}' is the label, not a feature")
     both = sorted(set(c.features.numeric) & set(c.features.categorical))
     if both:
         raise ConfigError(
             f"{w}: features: {both} listed as both numeric and categorical; keep each in one"
         )
-    if not c.features.numeric and not c.features.categorical:
-        raise ConfigError(f"{w}: features: list at least one numeric or categorical column")
+    for listed in ("numeric", "categorical"):
+        twice = sorted(set(c.features.target_encoded) & set(getattr(c.features, listed)))
+        if twice:
+            raise ConfigError(
+                f"{w}: features.target_encoded: {twice} also listed in features.{listed}; "
+                "a column is either target-encoded or used as it is, keep it in one list"
+            )
+    if not (c.features.numeric or c.features.categorical or c.features.target_encoded):
+        raise ConfigError(
+            f"{w}: features: list at least one numeric, categorical or target_encoded column"
+        )
+    if not (c.features.numeric or c.features.categorical or c.features.target_encoding.pca):
+        raise ConfigError(
+            f"{w}: features.target_encoding.pca: false needs a numeric or categorical feature "
+            "for PCA; set it to true"
+        )
     _check_features(c, w)
     if not c.split.key:
         raise ConfigError(f"{w}: split.key: list the columns that identify a row")

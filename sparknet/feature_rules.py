@@ -57,7 +57,7 @@ def finite(column: str) -> Column:
 
 def column_stats(train: DataFrame, feats: FeaturesConfig) -> dict[str, dict]:
     """Per feature on the train split: finite non-null count, mean, stddev (numeric) or
-    distinct non-null values (categorical). One pass."""
+    distinct non-null values (categorical and target-encoded). One pass."""
     aggs = []
     for c in feats.numeric:
         value = finite(c)
@@ -66,7 +66,7 @@ def column_stats(train: DataFrame, feats: FeaturesConfig) -> dict[str, dict]:
             F.avg(value).alias(f"{c}__mean"),
             F.stddev_pop(value).alias(f"{c}__sd"),
         ]
-    for c in feats.categorical:
+    for c in feats.categorical + feats.target_encoded:
         aggs += [
             F.count(c).alias(f"{c}__n"),
             F.count_distinct(c).alias(f"{c}__distinct"),
@@ -75,7 +75,7 @@ def column_stats(train: DataFrame, feats: FeaturesConfig) -> dict[str, dict]:
     stats = {}
     for c in feats.numeric:
         stats[c] = {"n": row[f"{c}__n"], "mean": row[f"{c}__mean"], "sd": row[f"{c}__sd"]}
-    for c in feats.categorical:
+    for c in feats.categorical + feats.target_encoded:
         stats[c] = {
             "n": row[f"{c}__n"],
             "distinct": row[f"{c}__distinct"],
@@ -95,9 +95,9 @@ def uninformative(feats: FeaturesConfig, stats: dict[str, dict]) -> dict[str, st
         # Summation leaves a constant column a standard deviation of about 1e-16.
         elif (s["sd"] or 0.0) <= 1e-12 * max(1.0, abs(s["mean"])):
             dropped[c] = "constant"
-    for c in feats.categorical:
-        # Missing values form their own category, so one value plus nulls still informs;
-        # one value in every row does not.
+    for c in feats.categorical + feats.target_encoded:
+        # Missing values form their own category (the prior, when target-encoded), so one
+        # value plus nulls still informs; one value in every row does not.
         s = stats[c]
         if s["n"] == 0:
             dropped[c] = "all null"
@@ -195,28 +195,27 @@ def rules_stage(rules: list[ColumnRule]) -> SQLTransformer:
         if rule.kind == "numeric":
             value = f"CAST({c} AS DOUBLE)"
             if rule.clip is not None:
-                value = (
-                    f"LEAST(GREATEST({value}, {_double(rule.clip[0])}), {_double(rule.clip[1])})"
-                )
+                low, high = (sql_double(bound) for bound in rule.clip)
+                value = f"LEAST(GREATEST({value}, {low}), {high})"
             missing = f"{c} IS NULL OR isnan({c}) OR abs({c}) = double('inf')"
             outputs.append(
-                f"CASE WHEN {missing} THEN {_double(rule.fill)} ELSE {value} END AS {target}"
+                f"CASE WHEN {missing} THEN {sql_double(rule.fill)} ELSE {value} END AS {target}"
             )
         elif rule.fill is None:
             outputs.append(f"CAST({c} AS STRING) AS {target}")
         else:
-            outputs.append(f"COALESCE(CAST({c} AS STRING), {_string(rule.fill)}) AS {target}")
+            outputs.append(f"COALESCE(CAST({c} AS STRING), {sql_string(rule.fill)}) AS {target}")
     return SQLTransformer(statement=f"SELECT *, {', '.join(outputs)} FROM __THIS__")
 
 
-def _double(value: float) -> str:
+def sql_double(value: float) -> str:
     if not math.isfinite(value):
         raise ValueError(f"a fitted fill or clip value is not finite: {value}")
     # repr round-trips a float exactly.
     return f"CAST('{value!r}' AS DOUBLE)"
 
 
-def _string(value: str) -> str:
+def sql_string(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 

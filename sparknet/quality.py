@@ -15,6 +15,7 @@ from pyspark.sql import functions as F
 from sparknet.config import NUMERIC_TYPES, Config
 from sparknet.feature_rules import ColumnRule
 from sparknet.run_dir import RunDir, read_json, write_json
+from sparknet.target_encoding import ColumnEncoding
 
 log = logging.getLogger(__name__)
 
@@ -74,13 +75,16 @@ def column_profile(df: DataFrame, types: dict[str, str]) -> tuple[int, dict[str,
 def features_quality(
     config: Config,
     rules: list[ColumnRule],
+    encodings: list[ColumnEncoding],
     dropped: dict[str, str],
     train_stats: dict[str, dict],
     applied: dict[str, dict[str, int]],
     n_train: int,
 ) -> dict[str, Any]:
     """Per feature: what was fitted on the train split and how many values of the whole
-    table (every split) it filled or clipped; dropped features with the reason."""
+    table (every split) it filled or clipped; for target-encoded columns, the encoding
+    and how many validation and test values got the prior; dropped features with the
+    reason."""
     columns = {}
     for rule in rules:
         entry = rule.as_report()
@@ -91,6 +95,14 @@ def features_quality(
         if rule.kind == "categorical":
             entry["distinct_in_train"] = train_stats[rule.column]["distinct"]
         columns[rule.column] = entry
+    for enc in encodings:
+        entry = enc.as_report()
+        entry["missing_in_train"] = n_train - train_stats[enc.column]["n"]
+        # Train rows are encoded out of fold; these are the rows scored with the prior.
+        entry["filled"] = applied[enc.column]["missing"] + applied[enc.column]["unseen"]
+        entry["encoding"]["scored_with_prior"] = applied[enc.column]
+        entry["distinct_in_train"] = train_stats[enc.column]["distinct"]
+        columns[enc.column] = entry
     return {
         "fitted_on": {"split": "train", "rows": n_train},
         "columns": columns,

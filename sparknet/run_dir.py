@@ -21,6 +21,7 @@ run alone given the folder the previous stages wrote.
       checkpoints/         train: the latest checkpoints, resumed by a relaunch
       metrics.json         evaluate: test metrics, calibration, the comparison table
       report.html          evaluate: the run on one self-contained page (images inline)
+      artifact/            export: everything scoring needs (see sparknet/export.py)
       timings.json         the command line: seconds per stage, from each stage's last run
 """
 
@@ -134,6 +135,10 @@ class RunDir:
         timings[stage] = round(seconds, 2)
         write_json(self.timings, {name: timings[name] for name in order if name in timings})
 
+    @property
+    def artifact(self) -> Path:
+        return self.root / "artifact"
+
     def outputs(self, stage: str) -> list[Path]:
         """What `stage` writes (ingest's raw/ is left out: users may place raw files there
         themselves)."""
@@ -144,6 +149,7 @@ class RunDir:
             "shard": [self.shards, self.shards_manifest],
             "train": [self.train_dir, self.model, self.train_report],
             "evaluate": [self.metrics, self.report],
+            "export": [self.artifact],
         }[stage]
 
     def clear_from(self, stage: str, order: list[str]) -> list[Path]:

@@ -1,56 +1,19 @@
 """The jobs as a user runs them, on a sample of the real 2013 flights, in local[2]:
 `python jobs/pipeline.py` for the whole path, then a stage under `spark-submit`."""
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from browser import assert_renders_with_images
 
-from conftest import REPO
-from sparknet.run_dir import RunDir, read_json
+from conftest import run_job
+from sparknet.run_dir import read_json
 from sparknet.train.data import iterate_rank
 from sparknet.train.plan import ShardPlan
 
 pytestmark = pytest.mark.slow
-
-
-def run_job(args, cwd=REPO, timeout=900):
-    env = {**os.environ, "SPARK_LOCAL_IP": "127.0.0.1", "PYSPARK_PYTHON": sys.executable}
-    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    return done.returncode, done.stdout + done.stderr
-
-
-@pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory, flights_sample):
-    raw, n_rows = flights_sample
-    from conftest import flights_config_dict, small_training
-
-    data = small_training(flights_config_dict(), epochs=4)
-    data["ingest"] = {}
-    data["evaluate"] = {"compare": True}
-    root = tmp_path_factory.mktemp("e2e")
-    config_path = root / "flights-sample.yaml"
-    config_path.write_text(yaml.safe_dump(data, sort_keys=False))
-    run_dir = RunDir.at(root / "run")
-    (run_dir.root).mkdir()
-    os.symlink(raw, run_dir.raw)
-    code, log = run_job(
-        [
-            sys.executable,
-            "jobs/pipeline.py",
-            "--config",
-            str(config_path),
-            "--run-dir",
-            str(run_dir.root),
-        ]
-    )
-    assert code == 0, log[-5000:]
-    return run_dir, n_rows, log, config_path
 
 
 def test_every_flight_is_clean_or_rejected(pipeline_run):

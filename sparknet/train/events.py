@@ -207,12 +207,10 @@ class EventServer:
                 f"{self.world_size} task slots at once, or the executors cannot reach the "
                 f"driver at {self.address[0]}:{self.address[1]}"
             )
-        errors = sorted((s for s in ranks.values() if s.error), key=lambda s: s.error_at)
-        # The first error is the cause; peers that then lost their connection to it fail
-        # with gloo errors that say nothing about why.
-        for state in errors:
-            if not _is_consequence(state.error["message"]):
-                return _rank_error(state)
+        errors = _errors_in_order(ranks)
+        cause = _first_cause(errors)
+        if cause is not None:
+            return _rank_error(cause)
         lost = [s for s in ranks.values() if s.closed and not s.done and not s.error]
         if lost:
             state = min(lost, key=lambda s: s.changed_at)
@@ -256,11 +254,8 @@ class EventServer:
         """Whether a relaunch may get further: not when the first rank to fail raised a
         sparknet error (a non-finite loss, shards that changed: it would happen again);
         yes when a rank crashed, vanished or stalled, or Spark failed on its own."""
-        errors = sorted((s for s in self.snapshot().values() if s.error), key=lambda s: s.error_at)
-        for state in errors:
-            if not _is_consequence(state.error["message"]):
-                return state.error.get("show_traceback", True)
-        return True
+        cause = _first_cause(_errors_in_order(self.snapshot()))
+        return True if cause is None else cause.error.get("show_traceback", True)
 
     def positions(self) -> dict[int, dict]:
         """Where each rank was: for the record of a failed launch."""
@@ -268,6 +263,19 @@ class EventServer:
             r: {"epoch": s.epoch, "step": s.step, "phase": s.phase}
             for r, s in sorted(self.snapshot().items())
         }
+
+
+def _errors_in_order(ranks: dict[int, RankState]) -> list[RankState]:
+    return sorted((s for s in ranks.values() if s.error), key=lambda s: s.error_at)
+
+
+def _first_cause(errors: list[RankState]) -> RankState | None:
+    """The first error is the cause; peers that then lost their connection to it fail
+    with gloo errors that say nothing about why."""
+    for state in errors:
+        if not _is_consequence(state.error["message"]):
+            return state
+    return None
 
 
 def _is_consequence(message: str) -> bool:

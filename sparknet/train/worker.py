@@ -757,14 +757,9 @@ def _gather(values, plan, world_size: int, device):
     """Every rank's 1-d float64 `values`, concatenated in rank order; the plan says how
     many each rank holds, so only the padded tensors travel."""
     import torch
-    import torch.distributed as dist
 
     sizes = [plan.rank_rows(r) for r in range(world_size)]
-    width = max(sizes)
-    padded = torch.zeros(width, dtype=torch.float64)
+    padded = torch.zeros(max(sizes), dtype=torch.float64)
     padded[: len(values)] = values
-    parts = [torch.zeros(width, dtype=torch.float64, device=device) for _ in sizes]
-    work = dist.all_gather(parts, padded.to(device), async_op=True)
-    work.wait()
-    _keep(work)
-    return torch.cat([p.cpu()[:n] for p, n in zip(parts, sizes, strict=True)])
+    parts = _gather_equal(padded, world_size, device)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)])
