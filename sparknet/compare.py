@@ -46,12 +46,13 @@ log = logging.getLogger(__name__)
 EPS = 1e-7
 
 
-def describe_inputs(columns: list[str]) -> str:
-    """The network's inputs in words: the PCA components, then any appended encodings."""
-    components = sum(c.startswith("pc_") for c in columns)
+def describe_inputs(columns: list[str], components: int) -> str:
+    """The network's inputs in words: the PCA components, then any appended encodings
+    (the shards name both `pc_…`; pca.json's k says where the components end)."""
     appended = len(columns) - components
     text = f"the network's {len(columns)} inputs from the shards: {components} PCA components"
-    return text + (f" and {appended} target encodings" if appended else "")
+    plural = "s" if appended != 1 else ""
+    return text + (f" and {appended} target-encoded column{plural}" if appended else "")
 
 
 def binary_scores(y: np.ndarray, p: np.ndarray) -> dict:
@@ -195,6 +196,7 @@ def compare(
     y_test: np.ndarray,
     network: dict,
     baseline: dict,
+    components: int,
 ) -> dict:
     """The comparison table (rows as in the module docstring). `y_test` and every model's
     test output are in sample_id order. `network` and `baseline` are
@@ -247,7 +249,7 @@ def compare(
     return {
         "split": "test",
         "test_rows": int(len(y_test)),
-        "features": describe_inputs(columns),
+        "features": describe_inputs(columns, components),
         "sample_rows": int(len(y_fit)),
         "sample": (
             f"the first {len(y_fit)} sample ids of the {n_train}-row train split "

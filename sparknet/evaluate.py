@@ -255,6 +255,7 @@ def evaluate(spark: SparkSession, config: Config, run_dir: RunDir) -> dict:
                 "fit_seconds": 0.0,
                 "output": constant_output(spec.task, train_summary, len(y)),
             },
+            components=read_json(run_dir.pca)["k"],
         )
         log.info(
             "comparison on the test split (%d rows; the comparison models fit on %s):\n%s",

@@ -119,6 +119,10 @@ def test_comparison_fits_every_model_on_the_same_features(spark):
             "fit_seconds": 0.0,
             "output": constant_output("binary", share, len(y_test)),
         },
+        components=3,
+    )
+    assert result["features"] == (
+        "the network's 4 inputs from the shards: 3 PCA components and 1 target-encoded column"
     )
     models = {m["name"].split(" (")[0]: m for m in result["models"]}
     assert list(models) == [
