@@ -8,6 +8,7 @@ import copy
 import csv
 import io
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -205,6 +206,17 @@ def epoch_record(epoch: int, samples: int = 1000, seconds: float = 2.0) -> dict:
         "data_wait_seconds": 0.05 * seconds,
         "best_epoch": epoch,
     }
+
+
+# A line of sparknet's log (sparknet/logs.py): time, level, stage, rank, logger, message.
+LOG_LINE = re.compile(
+    r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z) (DEBUG|INFO|WARNING|ERROR|CRITICAL) "
+    r"\[stage=(\S+) rank=(\S+)\] (sparknet[\w.]*): (.*)$"
+)
+
+
+def sparknet_lines(log: str) -> list[str]:
+    return [line for line in log.splitlines() if LOG_LINE.match(line)]
 
 
 def run_job(args, cwd=REPO, timeout=900):

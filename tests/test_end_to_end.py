@@ -25,7 +25,7 @@ def test_every_flight_is_clean_or_rejected(pipeline_run):
     # Cancelled and diverted flights have no arr_delay: about 2.8% of 2013.
     assert 0.01 < quality["rejected_by_reason"]["missing_label"] / n_rows < 0.05
     for stage in ("ingest", "clean", "features", "shard", "train", "evaluate"):
-        assert f"sparknet[{stage}] done: " in log
+        assert f"[stage={stage} rank=-] sparknet.cli: done: " in log
 
 
 def test_pca_keeps_the_configured_variance(pipeline_run):
@@ -109,10 +109,12 @@ def test_stage_runs_unchanged_under_spark_submit(pipeline_run):
             str(config_path),
             "--run-dir",
             str(run_dir.root),
+            "--force",
         ]
     )
     assert code == 0, log[-5000:]
     assert "master local[2]" in log
+    assert "[stage=evaluate rank=-] sparknet.cli: running: --force" in log
     after = read_json(run_dir.metrics)
     # approx compares flat mappings only; the confusion matrix holds exact counts.
     numbers = {k: v for k, v in before["model"].items() if isinstance(v, float)}
@@ -141,5 +143,7 @@ def test_stage_without_its_input_names_the_stage_to_run(tmp_path):
         ]
     )
     assert code == 2
-    assert "run the 'shard' stage first" in log
+    # The first stage train depends on (through shard and features) that has not run.
+    assert "train needs the outputs of 'clean', but it has not finished" in log
+    assert "run the 'clean' stage first" in log
     assert "Traceback" not in log

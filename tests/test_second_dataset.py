@@ -55,7 +55,7 @@ def test_every_penguin_is_clean_or_rejected_with_its_reason(spark, species_run):
     )
     assert columns["date_egg"]["min"] == "2007-11-09"
 
-    features = quality["features"]
+    features = read_json(species_run.feature_quality)
     assert features["dropped"] == {"region": "constant", "stage": "constant"}
     isotopes = features["columns"]["delta_15_n"]
     assert isotopes["filled"] == 12 and isotopes["impute"] == "median"
