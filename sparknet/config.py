@@ -478,19 +478,21 @@ def _set(data: dict[str, Any], key: str, value: Any) -> None:
                     f"{', '.join(map(str, node)) or 'none'}); a new entry needs its whole "
                     f"mapping: --set '{parent}.{part}={{...}}'"
                 )
-        else:
-            raise ConfigError(
-                f"--set {key}: '{'.'.join(parts[:i])}' holds a single value, not keys "
-                f"('{part}'); set it whole"
-            )
         if i + 1 == len(parts):
             # The value's type is checked here, so the message names --set; ranges and
             # cross-field rules are checked with the rest of the config.
             _build(child_tp, value, where=f"--set {key}")
             node[part] = value
             return
+        inner = _unwrap_optional(child_tp)
+        if not (dataclasses.is_dataclass(inner) or typing.get_origin(inner) is dict):
+            kind = "list" if typing.get_origin(inner) is list else "single value"
+            raise ConfigError(
+                f"--set {key}: '{so_far}' is a {kind}, it has no key '{parts[i + 1]}'; set it "
+                f"whole: --set {so_far}=VALUE"
+            )
         child = node.get(part)
-        shorthand = {ColumnConfig: "type", ImputeConfig: "strategy"}.get(_unwrap_optional(child_tp))
+        shorthand = {ColumnConfig: "type", ImputeConfig: "strategy"}.get(inner)
         if child is None:
             child = {}
         elif isinstance(child, str) and shorthand:
