@@ -19,7 +19,7 @@ from py4j.protocol import Py4JJavaError
 from pyspark.errors.exceptions.captured import CapturedException
 
 from sparknet import status
-from sparknet.config import Config, config_yaml, load_config, section_digest
+from sparknet.config import Config, config_yaml, load_config
 from sparknet.errors import RunDirError, SparknetError, spark_error_summary, sparknet_error_in
 from sparknet.logs import LEVELS, set_stage, setup_logging
 from sparknet.run_dir import RunDir
@@ -175,17 +175,7 @@ def run_stages(
             seconds = time.perf_counter() - started
             committed = status.commit(
                 run_dir,
-                {
-                    "stage": name,
-                    "started": started_at,
-                    "finished": status.now_utc(),
-                    "seconds": round(seconds, 2),
-                    "rows": rows,
-                    "forced": name in force,
-                    "config_sha256": section_digest(config, stage.depends_on),
-                    "config": status.config_digests(stage, config),
-                    "inputs": inputs,
-                },
+                status.record(stage, config, inputs, started_at, seconds, rows, name in force),
             )
             run_dir.record_timing(name, seconds, order)
             log.info(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import functools
 import hashlib
 import json
 import math
@@ -413,15 +414,28 @@ def config_yaml(config: Config) -> str:
 
 def section_digest(config: Config, keys: Sequence[str]) -> str:
     """sha256 of the named parts of the config: top-level sections (`features`) or
-    dotted fields (`train.seed`)."""
+    dotted keys (`train.seed`)."""
+    return _digest(_pick(config_to_dict(config), keys))
+
+
+def key_digests(config: Config, keys: Sequence[str]) -> dict[str, str]:
+    """section_digest of each key alone."""
     data = config_to_dict(config)
+    return {key: _digest(_pick(data, [key])) for key in keys}
+
+
+def _pick(data: dict, keys: Sequence[str]) -> dict:
     picked = {}
     for key in keys:
         value: Any = data
         for part in key.split("."):
             value = value[part]
         picked[key] = value
-    return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()
+    return picked
+
+
+def _digest(data: dict) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
 # -- --set overrides -------------------------------------------------------------------
@@ -464,7 +478,7 @@ def _set(data: dict[str, Any], key: str, value: Any) -> None:
                     f"--set {key}: unknown key '{so_far}'{_did_you_mean(part, names)}; "
                     f"{parent} has {', '.join(names)}"
                 )
-            child_tp = typing.get_type_hints(tp)[part]
+            child_tp = _type_hints(tp)[part]
         elif typing.get_origin(tp) is dict:
             child_tp = typing.get_args(tp)[1]
             inner = _unwrap_optional(child_tp)
@@ -503,6 +517,12 @@ def _set(data: dict[str, Any], key: str, value: Any) -> None:
         node, tp, i = child, child_tp, i + 1
 
 
+@functools.cache
+def _type_hints(tp: type) -> dict[str, Any]:
+    # Resolving the annotations (strings here) is most of the cost of loading a config.
+    return typing.get_type_hints(tp)
+
+
 def _unwrap_optional(tp: Any) -> Any:
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -526,7 +546,7 @@ def _build(tp: Any, value: Any, where: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{_at(where)}: expected a mapping, got {value!r}")
-        hints = typing.get_type_hints(tp)
+        hints = _type_hints(tp)
         fields = {f.name: f for f in dataclasses.fields(tp)}
         unknown = sorted(set(value) - set(fields))
         if unknown:

@@ -80,10 +80,6 @@ class RunDir:
     def staged(self, stage: str) -> RunDir:
         return RunDir(self.root, stage)
 
-    @property
-    def committed_view(self) -> RunDir:
-        return RunDir(self.root)
-
     def staging(self, stage: str) -> Path:
         return self.root / STAGING_DIR / stage
 

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import sparknet
-from sparknet.config import Config, section_digest
+from sparknet.config import Config, key_digests, section_digest
 from sparknet.errors import RunDirError
 from sparknet.run_dir import OUTPUTS, STATUS_DIR, RunDir, write_json
 
@@ -74,11 +74,13 @@ def status_digest(run_dir: RunDir, stage: str) -> str | None:
 
 
 def config_digests(stage, config: Config) -> dict[str, str]:
-    return {key: section_digest(config, [key]) for key in stage.depends_on}
+    return key_digests(config, stage.depends_on)
 
 
 def raw_files(config: Config, run_dir: RunDir) -> dict[str, list]:
-    """Every file the sources name, as [size, modification time in ns], by path."""
+    """Every file the sources name, as [size, modification time in ns], by path
+    (relative to the run directory when inside it, so a copied or moved run directory
+    stays up to date)."""
     from sparknet.clean import source_path
 
     found: dict[str, list] = {}
@@ -97,7 +99,11 @@ def raw_files(config: Config, run_dir: RunDir) -> dict[str, list]:
                     st = file.stat()
                 except FileNotFoundError:
                     continue  # the clean stage names what is missing
-                found[str(file)] = [st.st_size, st.st_mtime_ns]
+                inside = file.is_relative_to(run_dir.root)
+                found[str(file.relative_to(run_dir.root) if inside else file)] = [
+                    st.st_size,
+                    st.st_mtime_ns,
+                ]
     return found
 
 
@@ -198,6 +204,34 @@ def begin(run_dir: RunDir, stage) -> tuple[RunDir, bool]:
     return run_dir.staged(stage.name), replacing
 
 
+def record(
+    stage,
+    config: Config,
+    inputs: dict[str, str | None],
+    started: str,
+    seconds: float,
+    rows: int | None,
+    forced: bool,
+) -> dict[str, Any]:
+    """A stage's status, but for the outputs `commit` adds."""
+    return {
+        "format": FORMAT,
+        # Unique per commit: the status's digest, which later stages record as their
+        # input, changes whenever the stage ran again, however fast.
+        "id": uuid.uuid4().hex,
+        "stage": stage.name,
+        "started": started,
+        "finished": now_utc(),
+        "seconds": round(seconds, 2),
+        "rows": rows,
+        "forced": forced,
+        "config_sha256": section_digest(config, stage.depends_on),
+        "config": config_digests(stage, config),
+        "inputs": inputs,
+        "sparknet_version": sparknet.__version__,
+    }
+
+
 def commit(run_dir: RunDir, record: dict[str, Any]) -> list[str]:
     """Renames the staged outputs into place, then writes the status: the commit.
     Returns the committed outputs (relative to the run directory)."""
@@ -220,18 +254,7 @@ def commit(run_dir: RunDir, record: dict[str, Any]) -> list[str]:
         if new.exists():
             os.replace(new, final)
             committed.append(name)
-    write_json(
-        run_dir.status(stage),
-        {
-            "format": FORMAT,
-            # Unique per commit: the status's digest, which later stages record as their
-            # input, changes whenever the stage ran again, however fast.
-            "id": uuid.uuid4().hex,
-            **record,
-            "outputs": committed,
-            "sparknet_version": sparknet.__version__,
-        },
-    )
+    write_json(run_dir.status(stage), {**record, "outputs": committed})
     shutil.rmtree(staging)
     if not any(staging.parent.iterdir()):
         staging.parent.rmdir()

@@ -144,6 +144,22 @@ def mark_clean_finished(clean_path) -> None:
     quality.write_text('{"reconciled": true}\n')
 
 
+def mark_committed(run_dir: RunDir, config, stages=("clean", "features", "shard")) -> None:
+    """Status files for stage outputs a test made by hand, as the stages would have
+    committed them for `config`, so that a job run on them accepts them as its inputs
+    (a job refuses inputs without a current status)."""
+    from sparknet import status
+    from sparknet.run_dir import OUTPUTS, write_json
+    from sparknet.stages import STAGES
+
+    for name in stages:
+        stage = STAGES[name]
+        inputs = status.current_inputs(stage, config, run_dir)
+        made = [out for out in OUTPUTS[name] if (run_dir.root / out).exists()]
+        record = status.record(stage, config, inputs, status.now_utc(), 0.0, None, False)
+        write_json(run_dir.status(name), {**record, "outputs": made})
+
+
 def small_training_config(label=None, workers=2, epochs=4, **train_overrides):
     """The synthetic config with a small, fast network, for tests that really train."""
     return synthetic_config(

@@ -208,8 +208,11 @@ def test_a_stage_killed_mid_write_is_never_read_and_its_rerun_ends_as_if_uninter
 
     # Killed while Spark writes the Parquet shards into the shard stage's staging folder.
     writing = run_dir.staging("shard") / "shards"
-    kill_when_writing([*pipeline, "--force", "shard"], writing, tmp_path / "killed.log")
+    killed = tmp_path / "killed.log"
+    kill_when_writing([*pipeline, "--force", "shard"], writing, killed)
     assert not run_dir.status("shard").exists()
+    # The copy was up to date: only shard ran.
+    assert "[stage=features rank=-] sparknet.cli: skipped: up to date" in killed.read_text()
 
     code, log = run_job(
         [

@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import json
 import logging
+import shutil
 
 import pytest
 
@@ -179,6 +180,13 @@ def test_changed_raw_files_recompute_clean_and_what_follows(pipeline):
     pipeline.run()
     (pipeline.run_dir.raw / "weather.csv").write_text("another weather file\n")
     assert pipeline.run() == ORDER[1:]
+
+
+def test_a_copied_run_directory_stays_up_to_date(pipeline, tmp_path):
+    pipeline.run()
+    shutil.copytree(pipeline.run_dir.root, tmp_path / "copy")
+    pipeline.run_dir = RunDir.at(tmp_path / "copy")
+    assert pipeline.run() == []
 
 
 def test_missing_outputs_are_recomputed(pipeline, caplog):
