@@ -767,20 +767,30 @@ def _check(c: Config, where: str | None = None) -> None:
         if not src.columns:
             raise ConfigError(f"{where}.columns: list at least one column")
         if not 0 <= src.max_reject_share <= 1:
-            raise ConfigError(f"{where}.max_reject_share: must be in [0, 1]")
+            raise ConfigError(
+                f"{where}.max_reject_share: must be in [0, 1], got {src.max_reject_share}"
+            )
         for col, spec in src.columns.items():
             _identifier(f"{where}.columns", col)
             _one_of(f"{where}.columns.{col}", spec.type, COLUMN_TYPES)
             numeric = spec.type in NUMERIC_TYPES
             if spec.format and spec.type not in ("date", "timestamp"):
-                raise ConfigError(f"{where}.columns.{col}: format needs type date or timestamp")
+                raise ConfigError(
+                    f"{where}.columns.{col}: format needs type date or timestamp, not {spec.type}"
+                )
             if (spec.min is not None or spec.max is not None) and not numeric:
-                raise ConfigError(f"{where}.columns.{col}: min/max need a numeric type")
+                raise ConfigError(
+                    f"{where}.columns.{col}: min/max need a numeric type, not {spec.type}"
+                )
             if spec.values and spec.type != "string":
-                raise ConfigError(f"{where}.columns.{col}: values needs type string")
+                raise ConfigError(
+                    f"{where}.columns.{col}: values needs type string, not {spec.type}"
+                )
             for bound in (spec.min, spec.max):
                 if bound is not None and not math.isfinite(bound):
-                    raise ConfigError(f"{where}.columns.{col}: min/max must be finite numbers")
+                    raise ConfigError(
+                        f"{where}.columns.{col}: min/max must be finite numbers, got {bound}"
+                    )
             if spec.min is not None and spec.max is not None and spec.min > spec.max:
                 raise ConfigError(f"{where}.columns.{col}: min {spec.min} > max {spec.max}")
         for col in src.key:

@@ -68,10 +68,14 @@ def setup_logging(level: int | str = logging.INFO) -> None:
     logging.getLogger("py4j").setLevel(logging.CRITICAL)
     root_logger = logging.getLogger()
     if not root_logger.handlers:
+        # Other libraries' records, and Python warnings (scikit-learn's, pyarrow's), in
+        # the same format, with the stage they happened in.
         fallback = logging.StreamHandler(sys.stderr)
-        fallback.setFormatter(_Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        fallback.setFormatter(formatter())
+        fallback.addFilter(_context)
         fallback.addFilter(lambda record: "py4j" not in record.pathname)
         root_logger.addHandler(fallback)
+        logging.captureWarnings(True)
     # pyspark logs every failed query as a page of JSON before raising it; the
     # exception itself reaches the user once, through sparknet's own message.
     for name in ("DataFrameQueryContextLogger", "SQLQueryContextLogger"):

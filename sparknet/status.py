@@ -30,12 +30,15 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sparknet
 from sparknet.config import Config, key_digests, section_digest
 from sparknet.errors import RunDirError
 from sparknet.run_dir import OUTPUTS, STATUS_DIR, RunDir, write_json
+
+if TYPE_CHECKING:
+    from sparknet.stages import Stage
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +76,7 @@ def status_digest(run_dir: RunDir, stage: str) -> str | None:
         return None
 
 
-def config_digests(stage, config: Config) -> dict[str, str]:
+def config_digests(stage: Stage, config: Config) -> dict[str, str]:
     return key_digests(config, stage.depends_on)
 
 
@@ -107,7 +110,7 @@ def raw_files(config: Config, run_dir: RunDir) -> dict[str, list]:
     return found
 
 
-def current_inputs(stage, config: Config, run_dir: RunDir) -> dict[str, str | None]:
+def current_inputs(stage: Stage, config: Config, run_dir: RunDir) -> dict[str, str | None]:
     inputs: dict[str, str | None] = {name: status_digest(run_dir, name) for name in stage.inputs}
     if stage.reads_raw:
         listing = json.dumps(raw_files(config, run_dir), sort_keys=True)
@@ -115,7 +118,7 @@ def current_inputs(stage, config: Config, run_dir: RunDir) -> dict[str, str | No
     return inputs
 
 
-def _differences(stage, status: dict, config: Config, run_dir: RunDir) -> list[str]:
+def _differences(stage: Stage, status: dict, config: Config, run_dir: RunDir) -> list[str]:
     """Why `status` is not the result of this config and these inputs; empty: it is."""
     found = []
     recorded = status.get("config", {})
@@ -132,7 +135,7 @@ def _differences(stage, status: dict, config: Config, run_dir: RunDir) -> list[s
     return found
 
 
-def upstream(stages: dict, stage) -> list[str]:
+def upstream(stages: dict[str, Stage], stage: Stage) -> list[str]:
     """Every stage `stage` reads from, directly or through another, in pipeline order."""
     found: set[str] = set()
     todo = list(stage.inputs)
@@ -144,7 +147,9 @@ def upstream(stages: dict, stage) -> list[str]:
     return [name for name in stages if name in found]
 
 
-def stale_reason(stages: dict, name: str, config: Config, run_dir: RunDir) -> str | None:
+def stale_reason(
+    stages: dict[str, Stage], name: str, config: Config, run_dir: RunDir
+) -> str | None:
     """Why the committed outputs of stage `name` are not what this config and its
     current inputs give; None when they are."""
     status = read_status(run_dir, name)
@@ -153,7 +158,7 @@ def stale_reason(stages: dict, name: str, config: Config, run_dir: RunDir) -> st
     return "; ".join(_differences(stages[name], status, config, run_dir)) or None
 
 
-def check_inputs(stages: dict, stage, config: Config, run_dir: RunDir) -> None:
+def check_inputs(stages: dict[str, Stage], stage: Stage, config: Config, run_dir: RunDir) -> None:
     """Refuses to run `stage` on outputs that are missing, half-written or stale, naming
     the first stage up the pipeline that has to run again."""
     for name in upstream(stages, stage):
@@ -167,7 +172,7 @@ def check_inputs(stages: dict, stage, config: Config, run_dir: RunDir) -> None:
             )
 
 
-def decide(stage, config: Config, run_dir: RunDir, forced: bool) -> Decision:
+def decide(stage: Stage, config: Config, run_dir: RunDir, forced: bool) -> Decision:
     if forced:
         return Decision(True, "--force")
     status = read_status(run_dir, stage.name)
@@ -191,7 +196,7 @@ def remove_leftovers(run_dir: RunDir, stage: str) -> None:
         log.info("removed %s, left by an interrupted or failed run", staging)
 
 
-def begin(run_dir: RunDir, stage) -> tuple[RunDir, bool]:
+def begin(run_dir: RunDir, stage: Stage) -> tuple[RunDir, bool]:
     """Prepares a recompute: returns the staged view and whether a finished run's
     outputs are being replaced."""
     remove_leftovers(run_dir, stage.name)
@@ -205,7 +210,7 @@ def begin(run_dir: RunDir, stage) -> tuple[RunDir, bool]:
 
 
 def record(
-    stage,
+    stage: Stage,
     config: Config,
     inputs: dict[str, str | None],
     started: str,
@@ -232,10 +237,11 @@ def record(
     }
 
 
-def commit(run_dir: RunDir, record: dict[str, Any]) -> list[str]:
-    """Renames the staged outputs into place, then writes the status: the commit.
-    Returns the committed outputs (relative to the run directory)."""
-    stage = record["stage"]
+def commit(run_dir: RunDir, entry: dict[str, Any]) -> list[str]:
+    """Renames the staged outputs into place, then writes the status (`entry`, from
+    `record`, with the outputs): the commit. Returns the committed outputs (relative to
+    the run directory)."""
+    stage = entry["stage"]
     staging = run_dir.staging(stage)
     committed = []
     for name in OUTPUTS[stage]:
@@ -254,7 +260,7 @@ def commit(run_dir: RunDir, record: dict[str, Any]) -> list[str]:
         if new.exists():
             os.replace(new, final)
             committed.append(name)
-    write_json(run_dir.status(stage), {**record, "outputs": committed})
+    write_json(run_dir.status(stage), {**entry, "outputs": committed})
     shutil.rmtree(staging)
     if not any(staging.parent.iterdir()):
         staging.parent.rmdir()
