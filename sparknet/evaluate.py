@@ -265,7 +265,7 @@ def evaluate(spark: SparkSession, config: Config, run_dir: RunDir) -> dict:
         )
     write_json(run_dir.metrics, metrics)
     write_report(run_dir, config, metrics, y, out, time.perf_counter() - started)
-    log.info("report: %s", run_dir.report)
+    log.info("report: %s", run_dir.committed(run_dir.report))
     return metrics
 
 

@@ -31,7 +31,7 @@ import torch
 from pyspark.sql import SparkSession
 
 from sparknet.clean import classify, clean_rows_of, read_raw, source_path
-from sparknet.config import Config
+from sparknet.config import Config, config_to_dict
 from sparknet.errors import DataError, RunDirError
 from sparknet.run_dir import RunDir, read_json, write_json
 from sparknet.stack import stack_report
@@ -53,17 +53,11 @@ SCORER = "scorer.pt"
 TORCHSCRIPT_TOLERANCE = 1e-6
 
 
-def config_dict(config: Config) -> dict:
-    data = dataclasses.asdict(config)
-    data.pop("path")
-    return data
-
-
 def scoring_section(config: Config) -> dict:
     """The parts of a config that decide how a raw row becomes a score: a config that
     differs elsewhere (Spark settings, training schedule) scores the same."""
     used = [config.main, *[j.source for j in config.joins]]
-    data = config_dict(config)
+    data = config_to_dict(config)
     return {
         "sources": {name: data["sources"][name] for name in used},
         "main": data["main"],
@@ -176,7 +170,7 @@ def export(spark: SparkSession, config: Config, run_dir: RunDir) -> dict:
         shutil.copy2(run_dir.model / "model.pt", tmp / "network" / "model.pt")
         diff = export_torchscript(spec, state, tmp / "network" / SCORER)
         lookups = write_lookups(spark, config, run_dir, tmp / "lookups")
-        write_json(tmp / CONFIG, config_dict(config))
+        write_json(tmp / CONFIG, config_to_dict(config))
         card = model_card(config, run_dir, spec, pca, lookups, diff)
         write_json(tmp / CARD, card)
 
@@ -190,13 +184,13 @@ def export(spark: SparkSession, config: Config, run_dir: RunDir) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info(
         "artifact %s: %d inputs -> %s; TorchScript within %.1e of the eager network; lookups %s",
-        final,
+        run_dir.committed(final),
         spec.n_inputs,
         spec.task,
         diff,
         lookups,
     )
-    return {"path": str(final), "lookups": lookups, "torchscript_max_diff": diff}
+    return {"path": str(run_dir.committed(final)), "lookups": lookups, "torchscript_max_diff": diff}
 
 
 def write_lookups(spark: SparkSession, config: Config, run_dir: RunDir, out: Path) -> dict:
@@ -276,6 +270,6 @@ def model_card(
         },
         "test_metrics": metrics,
         "versions": stack_report(),
-        "config_sha256": digest(config_dict(config)),
+        "config_sha256": digest(config_to_dict(config)),
         "scoring_sha256": digest(scoring_section(config)),
     }

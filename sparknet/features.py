@@ -46,7 +46,7 @@ from sparknet.feature_rules import (
     uninformative,
 )
 from sparknet.pca import PcaFit, fit_pca, projection_stage, write_scree_plot
-from sparknet.quality import features_quality, log_features_quality, update_quality
+from sparknet.quality import features_quality, log_features_quality
 from sparknet.run_dir import RunDir, read_json, write_json
 from sparknet.target_encoding import encoding_stage, fit_target_encoding, prior_counts
 
@@ -276,7 +276,7 @@ def fit_and_project(spark: SparkSession, config: Config, run_dir: RunDir) -> dic
         config, rules, encodings, dropped, train_stats, applied, n_train
     )
     log_features_quality(feature_quality)
-    update_quality(run_dir, "features", feature_quality)
+    write_json(run_dir.feature_quality, feature_quality)
 
     write_scree_plot(run_dir.pca_scree, fit)
     report = {

@@ -277,7 +277,8 @@ def _quality_section(run_dir: RunDir) -> str:
         parts.append(
             table(["column", *stats], [[c, *(p.get(s) for s in stats)] for c, p in columns.items()])
         )
-    features = q.get("features", {}).get("columns", {})
+    feature_quality = read_json(run_dir.feature_quality) if run_dir.feature_quality.exists() else {}
+    features = feature_quality.get("columns", {})
     if features:
         keys = ["kind", "impute", "fill", "filled", "clipped"]
         parts.append(

@@ -152,6 +152,8 @@ def shard(spark: SparkSession, config: Config, run_dir: RunDir) -> dict:
             config.split.key,
             config.split.seed,
         )
+        # Where the split stays, not where a staged run writes it.
+        info["path"] = str(run_dir.committed(run_dir.shard(split)))
         manifest["splits"][split] = info
         log.info(
             "%s: %d rows in %d row groups (%d-%d rows each)",

@@ -8,6 +8,7 @@ import copy
 import csv
 import io
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -143,6 +144,22 @@ def mark_clean_finished(clean_path) -> None:
     quality.write_text('{"reconciled": true}\n')
 
 
+def mark_committed(run_dir: RunDir, config, stages=("clean", "features", "shard")) -> None:
+    """Status files for stage outputs a test made by hand, as the stages would have
+    committed them for `config`, so that a job run on them accepts them as its inputs
+    (a job refuses inputs without a current status)."""
+    from sparknet import status
+    from sparknet.run_dir import OUTPUTS, write_json
+    from sparknet.stages import STAGES
+
+    for name in stages:
+        stage = STAGES[name]
+        inputs = status.current_inputs(stage, config, run_dir)
+        made = [out for out in OUTPUTS[name] if (run_dir.root / out).exists()]
+        record = status.record(stage, config, inputs, status.now_utc(), 0.0, None, False)
+        write_json(run_dir.status(name), {**record, "outputs": made})
+
+
 def small_training_config(label=None, workers=2, epochs=4, **train_overrides):
     """The synthetic config with a small, fast network, for tests that really train."""
     return synthetic_config(
@@ -205,6 +222,17 @@ def epoch_record(epoch: int, samples: int = 1000, seconds: float = 2.0) -> dict:
         "data_wait_seconds": 0.05 * seconds,
         "best_epoch": epoch,
     }
+
+
+# A line of sparknet's log (sparknet/logs.py): time, level, stage, rank, logger, message.
+LOG_LINE = re.compile(
+    r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z) (DEBUG|INFO|WARNING|ERROR|CRITICAL) "
+    r"\[stage=(\S+) rank=(\S+)\] (sparknet[\w.]*): (.*)$"
+)
+
+
+def sparknet_lines(log: str) -> list[str]:
+    return [line for line in log.splitlines() if LOG_LINE.match(line)]
 
 
 def run_job(args, cwd=REPO, timeout=900):

@@ -22,7 +22,8 @@ import torch
 import yaml
 from test_train import write_shards
 
-from conftest import small_training_config, synthetic_config_dict
+from conftest import mark_committed, small_training_config, synthetic_config_dict
+from sparknet.config import load_config
 from sparknet.errors import TrainingError
 from sparknet.run_dir import RunDir, read_json
 from sparknet.train.data import iterate_rank
@@ -198,6 +199,7 @@ def test_two_runs_at_once_with_port_29500_taken(tmp_path):
     run_dirs = [RunDir.at(tmp_path / f"run{i}") for i in range(2)]
     for i, run_dir in enumerate(run_dirs):
         write_shards(run_dir, n_train=N_TRAIN, seed=i)
+        mark_committed(run_dir, load_config(config))
     blocker = socket.socket()
     blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:

@@ -146,7 +146,8 @@ def test_comparison_fits_every_model_on_the_same_features(spark):
 
 def hand_made_run(tmp_path, task):
     """A run directory with what the report reads besides metrics: quality.json,
-    pca.json + scree plot, train.json (no curves.png: drawn from the history), timings."""
+    feature_quality.json, pca.json + scree plot, train.json (no curves.png: drawn from
+    the history), timings."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -162,6 +163,10 @@ def hand_made_run(tmp_path, task):
             "rejected_by_reason": {"missing_label": 10},
             "columns": {"x": {"type": "double", "nulls": 0, "min": 0.0, "max": 1.0}},
         },
+    )
+    write_json(
+        run_dir.feature_quality,
+        {"columns": {"wind_gust": {"kind": "numeric", "impute": "median", "fill": 4.5}}},
     )
     write_json(run_dir.pca, {"k": 3, "n_features_in": 9, "variance_kept": 0.96})
     fig = Figure(figsize=(6, 3))
@@ -209,7 +214,13 @@ def test_report_is_one_page_with_inline_images(tmp_path, task):
     images = page.count("src='data:image/png;base64,")
     assert images == (3 if task == "regression" else 4)  # curves, (cm), training, scree
     assert "http" not in page.replace("http-equiv", "")  # nothing fetched from anywhere
-    for text in ("missing_label", "Seconds per stage", "evaluate (until this report)", "96.0%"):
+    for text in (
+        "missing_label",
+        "wind_gust",  # the features table, from feature_quality.json
+        "Seconds per stage",
+        "evaluate (until this report)",
+        "96.0%",
+    ):
         assert text in page
     if task == "binary":
         assert_renders_with_images(run_dir.report, tmp_path)

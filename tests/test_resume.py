@@ -16,7 +16,7 @@ from conftest import small_training_config
 from sparknet.run_dir import RunDir, read_json
 from sparknet.train import checkpoint
 from sparknet.train.data import iterate_rank
-from sparknet.train.launcher import already_trained, make_plans, train
+from sparknet.train.launcher import make_plans, train
 
 BATCH = 64
 N_TRAIN = 2 * 23 * BATCH + 3  # 24 steps per epoch on 2 ranks
@@ -132,13 +132,6 @@ def test_a_relaunch_with_fewer_workers_replans_from_an_epoch_boundary(spark, run
     assert report["resumed_from"] == {"epoch": 1, "step": 0, "world_size": 2}
     assert [e["samples"] for e in report["epochs"]] == [N_TRAIN] * 3
     assert report["epochs"][0]["rank_samples"] != report["epochs"][2]["rank_samples"]
-
-
-def test_a_finished_training_is_not_redone(spark, run_dir):
-    cfg = config(epochs=1)
-    train(spark, cfg, run_dir)
-    assert "training already finished" in already_trained(cfg, run_dir)
-    assert already_trained(config(epochs=2), run_dir) is None
 
 
 def test_checkpoints_of_another_config_are_never_resumed(spark, run_dir):

@@ -166,8 +166,13 @@ class EventServer:
             elif kind == "done":
                 state.done = True
         self._tell(state.rank, event)
-        if kind == "log" and event.get("level", 0) >= logging.WARNING:
-            log.warning("rank %d: %s", state.rank, event["message"])
+        if kind == "log":
+            # Logged again here, under the rank's own logger and with its rank, so the
+            # driver's log holds every rank's lines.
+            logger = logging.getLogger(event.get("logger") or __name__)
+            logger.log(
+                event.get("level", logging.INFO), "%s", event["message"], extra={"rank": state.rank}
+            )
 
     def _tell(self, rank: int, event: dict) -> None:
         listener = self.listener
@@ -392,6 +397,7 @@ class EventClient:
                     line = record.getMessage()
                 client.send(
                     type="log",
+                    logger=record.name,
                     level=record.levelno,
                     line=line,
                     message=record.getMessage(),

@@ -205,30 +205,27 @@ def check_shard_columns(plan: ShardPlan, wanted: list[str]) -> None:
             )
 
 
+# train settings that may change between launches of one training without changing what
+# a checkpoint holds: a relaunch after a lost executor may have fewer workers.
+LAUNCH_SETTINGS = (
+    "workers",
+    "timeout_s",
+    "max_attempts",
+    "checkpoint",
+    "fault",
+    "device",
+    "prefetch_row_groups",
+)
+
+
 def fingerprint(config: Config, manifest: dict) -> str:
     """What a checkpoint or a finished training belongs to: the training config (less
-    what may change between launches of the same run: workers, timeouts, faults), the
-    label, and the shards."""
+    LAUNCH_SETTINGS), the label, and the shards."""
     t = dataclasses.asdict(config.train)
-    for key in ("workers", "timeout_s", "max_attempts", "checkpoint", "fault", "device"):
+    for key in LAUNCH_SETTINGS:
         t.pop(key)
-    t.pop("prefetch_row_groups")
     content = {"train": t, "label": dataclasses.asdict(config.label), "shards": manifest}
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
-
-
-def already_trained(config: Config, run_dir: RunDir) -> str | None:
-    """A note when train.json says this config trained on these shards to the end."""
-    if not (run_dir.train_report.exists() and run_dir.shards_manifest.exists()):
-        return None
-    report = read_json(run_dir.train_report)
-    current = fingerprint(config, read_json(run_dir.shards_manifest))
-    if report.get("fingerprint") != current or not (run_dir.model / "model.pt").exists():
-        return None
-    return (
-        f"training already finished for this config and these shards ({run_dir.train_report}, "
-        f"fingerprint {current[:12]}); nothing to do. Remove {run_dir.train_report} to retrain"
-    )
 
 
 def resume_point(directory: str, fingerprint_: str, workers: int) -> tuple[str, dict] | None:

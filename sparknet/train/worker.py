@@ -25,6 +25,7 @@ import hashlib
 import logging
 import math
 import os
+import socket
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -132,7 +133,7 @@ def run_rank(spec: TaskSpec) -> dict:
     Py4J error, or nothing at all when the process dies."""
     from pyspark import BarrierTaskContext
 
-    from sparknet.logs import add_handler, set_stage
+    from sparknet.logs import add_handler, set_rank, set_stage
     from sparknet.train.events import EventClient
 
     context = BarrierTaskContext.get()
@@ -140,7 +141,8 @@ def run_rank(spec: TaskSpec) -> dict:
     events = EventClient(spec.events, spec.token, rank, spec.train.timeout_s)
     # This rank's records go to the driver, which prints them in its own log (the one
     # Airflow and spark-submit users read), not to the executor's stderr.
-    set_stage(f"train rank {rank}")
+    set_stage("train")
+    set_rank(rank)
     forward = add_handler(events.handler())
     finished = False
     try:
@@ -157,6 +159,9 @@ def run_rank(spec: TaskSpec) -> dict:
         raise TrainingError(f"rank {rank} failed: {message}") from None
     finally:
         logging.getLogger("sparknet").removeHandler(forward)
+        # Spark reuses this Python worker for other tasks, which are no rank.
+        set_stage("-")
+        set_rank("-")
         events.close(done=finished)
 
 
@@ -355,6 +360,16 @@ def _train(spec: TaskSpec, context, events: EventClient) -> dict:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
+    log.info(
+        "rank %d of %d: pid %d on %s, %s backend on %s, %d torch threads",
+        rank,
+        world_size,
+        os.getpid(),
+        socket.gethostname(),
+        backend,
+        device,
+        threads,
+    )
 
     model = ddp = optimizer = None
     completed = False
