@@ -38,6 +38,7 @@ AIRFLOW_BIN = AIRFLOW_VENV / "bin"
 # The first launch of train fails at global step 9 (epoch 1, step 3 of 6); the
 # checkpoint taken after global step 7 is at position (epoch 1, step 2), and rank 1
 # cannot reach step 9 before rank 0 has written it (step 8's allreduce waits for it).
+QUICK_JVM = "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC"
 FAULT_STEP = 9
 RESUME_AT = {"epoch": 1, "step": 2, "world_size": 2}
 
@@ -90,6 +91,9 @@ def base_env(home: Path, database: Path, runs: Path, retries: int) -> dict[str, 
         SPARKNET_RUNS=str(runs),
         SPARKNET_RETRIES=str(retries),
         SPARKNET_RETRY_DELAY_S="1",
+        SPARKNET_DRIVER_MEMORY="2g",
+        # Short jobs: the JVM's quick compiler alone cuts its start-up CPU time by a third.
+        SPARKNET_SPARK_CONF=json.dumps({"spark.driver.extraJavaOptions": QUICK_JVM}),
         SPARK_LOCAL_IP="127.0.0.1",
     )
     return env
@@ -260,13 +264,27 @@ AFTER_TRAIN = list(STAGES)[list(STAGES).index("train") + 1 :]
 
 # --- the DAG as Airflow parses it -------------------------------------------------
 
+BAD_SETTINGS = {
+    "SPARKNET_SPARK_CONF": ("[1]", "expected a JSON object of Spark settings"),
+    "SPARKNET_RETRIES": ("two", "invalid literal for int()"),
+    "SPARKNET_RETRY_DELAY_S": ("-1", "expected seconds >= 0"),
+}
+
 DAGBAG_SCRIPT = """
-import importlib.util, json
+import importlib.util, json, os
 from airflow.dag_processing.dagbag import DagBag
 
-bag = DagBag(dag_folder=%r)
-dag = bag.dags.get(%r)
+folder, dag_id, bad_settings = %r, %r, %r
+refused = {}
+for name, value in bad_settings.items():
+    good = os.environ.get(name, "")
+    os.environ[name] = value
+    refused[name] = "\\n".join(DagBag(dag_folder=folder).import_errors.values())
+    os.environ[name] = good
+bag = DagBag(dag_folder=folder)
+dag = bag.dags.get(dag_id)
 print(json.dumps({
+    "refused": refused,
     "import_errors": {str(k): v for k, v in bag.import_errors.items()},
     "dag_ids": sorted(bag.dags),
     "tasks": [
@@ -292,9 +310,9 @@ print(json.dumps({
 @pytest.fixture(scope="module")
 def parsed(migrated_db, tmp_path_factory) -> dict:
     airflow = Airflow(tmp_path_factory.mktemp("airflow-parse"), migrated_db, retries=3)
-    return json.loads(
-        airflow.python(DAGBAG_SCRIPT % (str(DAG_FILE.parent), DAG_ID)).splitlines()[-1]
-    )
+    bad = {name: value for name, (value, _) in BAD_SETTINGS.items()}
+    script = DAGBAG_SCRIPT % (str(DAG_FILE.parent), DAG_ID, bad)
+    return json.loads(airflow.python(script).splitlines()[-1])
 
 
 def test_the_dag_imports_in_airflows_venv_without_sparknet(parsed):
@@ -302,6 +320,11 @@ def test_the_dag_imports_in_airflows_venv_without_sparknet(parsed):
     assert parsed["dag_ids"] == [DAG_ID]
     # What the DAG file may rely on: Airflow and its Spark provider, nothing of sparknet's.
     assert parsed["importable"] == {"sparknet": False, "torch": False}
+
+
+def test_a_bad_setting_is_an_import_error_naming_it(parsed):
+    for name, (value, reason) in BAD_SETTINGS.items():
+        assert f"{name}={value!r}: {reason}" in parsed["refused"][name], parsed["refused"][name]
 
 
 def test_the_dags_stage_list_is_sparknets_stage_order():
@@ -330,6 +353,7 @@ def test_each_stage_waits_for_the_one_before(parsed):
         # From the environment the DAG was parsed in.
         assert (task["retries"], task["retry_delay_s"], task["conn_id"]) == (3, 1.0, "spark_test")
         assert task["conf"]["spark.pyspark.python"] == sys.executable
+        assert task["conf"]["spark.driver.extraJavaOptions"] == QUICK_JVM
         assert task["env_vars"]["PYSPARK_PYTHON"] == sys.executable
         assert task["env_vars"]["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
 
@@ -369,6 +393,7 @@ def test_the_dag_runs_end_to_end_on_local_spark(retried_run):
             assert command, f"{stage} try {attempt}: no spark-submit command\n{summary(text)}"
             assert f"--run-dir {run_dir.root}" in command[1], command[1]
             assert f"spark.pyspark.python={sys.executable}" in command[1], command[1]
+            assert "--driver-memory 2g" in command[1], command[1]
             assert f"{REPO / 'jobs' / stage}.py" in command[1], command[1]
     metrics = read_json(run_dir.metrics)
     assert metrics["rows"] > 0 and metrics["split"] == "test", metrics

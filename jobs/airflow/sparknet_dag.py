@@ -13,6 +13,11 @@ Set where Airflow parses the DAG (scheduler, DAG processor, workers alike):
                            folder's spark-submit submits
   SPARKNET_RUNS            where run directories go (default: $SPARKNET_HOME/runs/airflow)
   SPARKNET_SPARK_CONN_ID   the Spark connection: its master (default: spark_default)
+  SPARKNET_DRIVER_MEMORY   spark-submit's --driver-memory (default: 4g, what the jobs
+                           ask for when not under spark-submit; the config's
+                           spark.driver.memory comes too late there: the JVM is up)
+  SPARKNET_SPARK_CONF      more Spark settings for every stage, a JSON object, e.g.
+                           '{"spark.executor.memory": "8g"}'
   SPARKNET_RETRIES         retries of a failed stage (default: 2)
   SPARKNET_RETRY_DELAY_S   seconds before a retry (default: 60)
 
@@ -24,6 +29,7 @@ Params of a DAG run (trigger with conf):
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from datetime import timedelta
@@ -41,8 +47,42 @@ HOME = Path(os.environ.get("SPARKNET_HOME") or Path(__file__).resolve().parents[
 PYTHON = os.environ.get("SPARKNET_PYTHON") or str(HOME / ".venv" / "bin" / "python")
 RUNS = Path(os.environ.get("SPARKNET_RUNS") or HOME / "runs" / "airflow")
 SPARK_CONN_ID = os.environ.get("SPARKNET_SPARK_CONN_ID") or "spark_default"
-RETRIES = int(os.environ.get("SPARKNET_RETRIES") or 2)
-RETRY_DELAY_S = float(os.environ.get("SPARKNET_RETRY_DELAY_S") or 60)
+DRIVER_MEMORY = os.environ.get("SPARKNET_DRIVER_MEMORY") or "4g"
+
+
+def _setting(name: str, default, parse):
+    """An environment setting, or an import error that names it."""
+    text = os.environ.get(name)
+    if not text:
+        return default
+    try:
+        return parse(text)
+    except ValueError as exc:
+        raise ValueError(f"{name}={text!r}: {exc}") from None
+
+
+def _spark_conf(text: str) -> dict[str, str]:
+    conf = json.loads(text)
+    if not isinstance(conf, dict):
+        raise ValueError("expected a JSON object of Spark settings")
+    return {str(key): str(value) for key, value in conf.items()}
+
+
+def _count(text: str) -> int:
+    if int(text) < 0:
+        raise ValueError("expected a count >= 0")
+    return int(text)
+
+
+def _seconds(text: str) -> float:
+    if not float(text) >= 0:
+        raise ValueError("expected seconds >= 0")
+    return float(text)
+
+
+SPARK_CONF = _setting("SPARKNET_SPARK_CONF", {}, _spark_conf)
+RETRIES = _setting("SPARKNET_RETRIES", 2, _count)
+RETRY_DELAY_S = _setting("SPARKNET_RETRY_DELAY_S", 60.0, _seconds)
 
 # A run id such as `manual__2026-12-04T10:00:00+00:00` becomes one plain folder name.
 UNSAFE_IN_FOLDER_NAME = re.compile(r"[^A-Za-z0-9._-]+")
@@ -111,7 +151,12 @@ with DAG(
             conf={
                 "spark.pyspark.python": PYTHON,
                 "spark.pyspark.driver.python": PYTHON,
+                # From the start: sparknet lowers it too, but only once its session is up,
+                # after some forty lines of Spark's start-up chatter in every task's log.
+                "spark.log.level": "WARN",
+                **SPARK_CONF,
             },
+            driver_memory=DRIVER_MEMORY,
             env_vars=python_env,
         )
         if previous is not None:
