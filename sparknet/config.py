@@ -260,13 +260,17 @@ class FaultConfig:
     """A fault injected on purpose, to test that the job fails fast and says why: at
     global optimizer step `step` (counted from 0 across epochs), rank `rank` raises,
     exits its Python process, sleeps `seconds`, or feeds a NaN into its loss. Only on
-    launch `attempt` (0: the first), so that a relaunch gets past it."""
+    launch `attempt` (0: the first), so that a relaunch gets past it. With
+    `unless_resumed`, only in a launch that did not resume from a checkpoint: a rerun of
+    the stage in a new process (a scheduler's retry) then gets past it too, but only if
+    it really resumes."""
 
     kind: str
     rank: int = 0
     step: int = 0
     seconds: float = 3600.0
     attempt: int = 0
+    unless_resumed: bool = False
 
 
 @dataclass(frozen=True)

@@ -424,7 +424,9 @@ def _train(spec: TaskSpec, context, events: EventClient) -> dict:
                 waited += time.perf_counter() - asked
                 global_step = epoch * steps + step
                 events.at(epoch, step, "forward")
-                inject = _inject_fault(t.fault, rank, global_step, spec.attempt)
+                inject = _inject_fault(
+                    t.fault, rank, global_step, spec.attempt, resumed=spec.resume_from is not None
+                )
                 features = torch.from_numpy(x).to(device, non_blocking=True)
                 target = torch.from_numpy(y).to(device, non_blocking=True)
                 optimizer.zero_grad(set_to_none=True)
@@ -597,9 +599,13 @@ def collective_timeout(timeout_s: float) -> float:
     return timeout_s * 1.25 + 10
 
 
-def _inject_fault(fault, rank: int, global_step: int, attempt: int) -> str | None:
+def _inject_fault(
+    fault, rank: int, global_step: int, attempt: int, resumed: bool = False
+) -> str | None:
     """train.fault: the test hook that proves failures end the job and say why."""
     if fault is None or (fault.rank, fault.step, fault.attempt) != (rank, global_step, attempt):
+        return None
+    if fault.unless_resumed and resumed:
         return None
     log.warning("injecting fault '%s' at global step %d", fault.kind, global_step)
     if fault.kind == "raise":
