@@ -361,7 +361,16 @@ def run_barrier(
                 ranks_file,
                 {
                     "attempt": spec.attempt,
-                    "ranks": [{"rank": r.rank, "host": r.host, "pid": r.pid} for r in ranks],
+                    "ranks": [
+                        {
+                            "rank": r.rank,
+                            "host": r.host,
+                            "pid": r.pid,
+                            "python": r.python,
+                            "sparknet": r.sparknet,
+                        }
+                        for r in ranks
+                    ],
                 },
             )
             ranks_file = None
