@@ -43,6 +43,8 @@ class RankState:
     rank: int
     host: str = ""
     pid: int = 0
+    python: str = ""  # the rank's interpreter (spark.pyspark.python on a cluster)
+    sparknet: str = ""  # where the rank imported sparknet from (a shipped zip on a cluster)
     epoch: int = -1
     step: int = -1
     phase: str = "starting"
@@ -141,6 +143,7 @@ class EventServer:
         with self._lock:
             state = self.ranks.setdefault(event["rank"], RankState(event["rank"]))
             state.host, state.pid = event.get("host", ""), event.get("pid", 0)
+            state.python, state.sparknet = event.get("python", ""), event.get("sparknet", "")
             state.changed_at = time.monotonic()
         self._tell(state.rank, {k: v for k, v in event.items() if k != "token"})
         return state
@@ -335,8 +338,19 @@ class EventClient:
             ) from None
         self._socket.settimeout(timeout_s)
         import os
+        import sys
 
-        self.send(type="hello", token=token, rank=rank, host=socket.gethostname(), pid=os.getpid())
+        import sparknet
+
+        self.send(
+            type="hello",
+            token=token,
+            rank=rank,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            python=sys.executable,
+            sparknet=os.path.abspath(os.path.dirname(sparknet.__file__)),
+        )
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, daemon=True, name="sparknet-beat")
         self._thread.start()

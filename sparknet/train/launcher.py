@@ -136,14 +136,65 @@ def preflight(spark: SparkSession, workers: int, device: str) -> None:
             "spark.dynamicAllocation.enabled=true: Spark refuses barrier stages with dynamic "
             "allocation; disable it for the training job"
         )
-    task_cpus = int(conf.get("spark.task.cpus", "1"))
-    slots = sc.defaultParallelism // task_cpus
+    # Executors register with the driver after the application starts: give them what is
+    # left of Spark's own registration window, counted from the application's start, so
+    # that a train stage run right after the session starts does not count too early,
+    # and one run later (after the other stages) does not wait at all.
+    started_s = sc.startTime / 1000
+    window_s = registration_window_s(sc)
+    slots = wait_for_slots(sc, workers, max(0.0, started_s + window_s - time.time()))
     if workers > slots:
+        task_cpus = int(conf.get("spark.task.cpus", "1"))
+        waited = (
+            ""
+            if is_local(sc)
+            else f" {time.time() - started_s:.0f} s after the application started (executors "
+            f"had spark.scheduler.maxRegisteredResourcesWaitingTime={window_s:g} s to register)"
+        )
         raise TrainingError(
             f"train.workers={workers} needs {workers} concurrent task slots, but master "
-            f"{sc.master} offers {slots} ({sc.defaultParallelism} cores / spark.task.cpus="
-            f"{task_cpus}); lower train.workers or add cores"
+            f"{sc.master} offers {slots} (the registered executors' cores / "
+            f"spark.task.cpus={task_cpus}){waited}; lower train.workers or add cores"
         )
+
+
+def is_local(sc) -> bool:
+    return sc.master.startswith("local")
+
+
+def task_slots(sc) -> int:
+    """Tasks of the training stage the cluster can run at once, counted the way Spark's
+    own barrier check counts them: the registered executors' cores (and other task
+    resources) over what one task takes. Not `defaultParallelism`: on a cluster that is
+    never below 2, and it counts cores, not slots."""
+    jsc = sc._jsc.sc()
+    profile = jsc.resourceProfileManager().defaultResourceProfile()
+    return int(jsc.maxNumConcurrentTasks(profile))
+
+
+def registration_window_s(sc) -> float:
+    """How long Spark itself may wait for executors to register before it schedules
+    (spark.scheduler.maxRegisteredResourcesWaitingTime, 30 s by default); nothing in
+    local mode, whose slots exist from the start."""
+    if is_local(sc):
+        return 0.0
+    key = "spark.scheduler.maxRegisteredResourcesWaitingTime"
+    return sc._jsc.sc().conf().getTimeAsMs(key, "30s") / 1000
+
+
+# How often the driver counts the registered executors while it waits for them.
+SLOT_POLL_S = 0.25
+
+
+def wait_for_slots(sc, wanted: int, within_s: float) -> int:
+    """The task slots, as soon as there are `wanted` of them, or what there is after
+    `within_s`."""
+    deadline = time.monotonic() + within_s
+    while True:
+        slots = task_slots(sc)
+        if slots >= wanted or time.monotonic() >= deadline:
+            return slots
+        time.sleep(SLOT_POLL_S)
 
 
 def python_error(exc: Exception) -> str:
@@ -241,7 +292,9 @@ def relaunch_workers(spark: SparkSession, wanted: int) -> int:
     """Ranks for a relaunch: as many as wanted when the slots are there, fewer when
     executors were lost (the shards are re-planned for them)."""
     sc = spark.sparkContext
-    slots = sc.defaultParallelism // int(sc.getConf().get("spark.task.cpus", "1"))
+    # A lost executor is replaced by the cluster manager (a standalone worker launches a
+    # new one within seconds): wait for it as long as Spark waits for executors at start.
+    slots = wait_for_slots(sc, wanted, registration_window_s(sc))
     if slots < 1:
         raise TrainingError("no task slots left to relaunch training on")
     if slots < wanted:
@@ -305,7 +358,16 @@ def run_barrier(
                 ranks_file,
                 {
                     "attempt": spec.attempt,
-                    "ranks": [{"rank": r.rank, "host": r.host, "pid": r.pid} for r in ranks],
+                    "ranks": [
+                        {
+                            "rank": r.rank,
+                            "host": r.host,
+                            "pid": r.pid,
+                            "python": r.python,
+                            "sparknet": r.sparknet,
+                        }
+                        for r in ranks
+                    ],
                 },
             )
             ranks_file = None
