@@ -443,5 +443,5 @@ def test_rerunning_a_finished_train_task_does_nothing(retried_run, migrated_db, 
     others = [s for s in STAGES if s != "train"]
     run = airflow.dags_test({"config": str(config), "run_dir": str(run_dir.root)}, others)
     assert run.states["train"] == ("success", 1), run.explain("train")
-    assert "training already finished" in run.log("train"), run.explain("train")
+    assert "skipped: up to date" in run.log("train"), run.explain("train")
     assert run_dir.train_report.read_bytes() == report
