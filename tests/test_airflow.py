@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import warnings
@@ -184,6 +185,15 @@ print(json.dumps([[r[0], r[1], str(getattr(r[2], "value", r[2])), r[3]] for r in
 """
 
 
+def stop_group(process: subprocess.Popen) -> None:
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
 class Airflow:
     """An AIRFLOW_HOME of one test, with its own copy of the migrated database."""
 
@@ -203,21 +213,36 @@ class Airflow:
         if mark_success:
             command += ["--mark-success-pattern", "|".join(mark_success)]
         with open(output_file, "w") as out:
-            done = subprocess.run(
+            # Its own process group, so that spark-submit, the JVM and the Python workers
+            # under it can be stopped with it.
+            process = subprocess.Popen(
                 command,
                 cwd=self.home,
                 env=self.env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                timeout=timeout,
+                start_new_session=True,
             )
+            try:
+                returncode = process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                returncode = None
+            finally:
+                if process.poll() is None:
+                    stop_group(process)
         output = output_file.read_text()
+        if returncode is None:
+            logs = task_logs(output)
+            last = next(reversed(logs), None)
+            pytest.fail(
+                f"airflow dags test still running after {timeout} s ({output_file}); "
+                f"last task {last}:\n{summary(logs[last][-1]) if last else ''}"
+            )
         rows = json.loads(self.python(STATES_SCRIPT).splitlines()[-1])
-        run_ids = {row[0] for row in rows}
-        finished = re.findall(r"DagRun Finished: dag_id=\S+ .*?run_id=([^,\s]+)", output)
-        run_id = finished[-1] if finished else max(run_ids, default="")
+        # Run ids are manual__<ISO time>: the latest sorts last.
+        run_id = max((row[0] for row in rows), default="")
         states = {task: (state, tries) for rid, task, state, tries in rows if rid == run_id}
-        return DagRun(done.returncode, output_file, task_logs(output), states, run_id)
+        return DagRun(returncode, output_file, task_logs(output), states, run_id)
 
     def python(self, script: str) -> str:
         done = subprocess.run(
