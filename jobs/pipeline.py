@@ -1,4 +1,4 @@
-"""The whole pipeline: ingest -> clean -> features -> shard -> train -> evaluate.
+"""The whole pipeline: ingest -> clean -> features -> shard -> train -> evaluate -> export.
 
 python jobs/pipeline.py --config conf/flights.yaml [--run-dir DIR]
 spark-submit --master URL jobs/pipeline.py --config conf/flights.yaml [--run-dir DIR]

@@ -6,7 +6,7 @@ import argparse
 import datetime
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from py4j.protocol import Py4JJavaError
 from pyspark.errors.exceptions.captured import CapturedException
@@ -46,8 +46,8 @@ def main(stages: Sequence[str], argv: Sequence[str] | None = None) -> int:
 
     args = parse_args(stages, argv)
     setup_logging()
-    spark = None
-    try:
+
+    def body(sessions: list) -> None:
         config = load_config(args.config)
         if args.run_dir:
             run_dir = RunDir.at(args.run_dir)
@@ -66,6 +66,7 @@ def main(stages: Sequence[str], argv: Sequence[str] | None = None) -> int:
         from sparknet.session import spark_session
 
         spark = spark_session(config, args.master)
+        sessions.append(spark)
         log.info("stack: %s", ", ".join(f"{k} {v}" for k, v in stack_report().items()))
         started = time.perf_counter()
         for name in stages:
@@ -86,11 +87,9 @@ def main(stages: Sequence[str], argv: Sequence[str] | None = None) -> int:
                 )
             report = STAGES[name](spark, config, run_dir)
             rows = rows_of(name, report)
-            log.info(
-                "done: %sin %.1f s",
-                f"{rows} rows " if rows is not None else "",
-                time.perf_counter() - stage_started,
-            )
+            seconds = time.perf_counter() - stage_started
+            log.info("done: %sin %.1f s", f"{rows} rows " if rows is not None else "", seconds)
+            run_dir.record_timing(name, seconds, list(STAGES))
             # Here, not inside the stages: a stage's outputs are the run directory;
             # tracking copies them elsewhere and is off unless configured.
             after_stage(name, config, run_dir)
@@ -101,6 +100,16 @@ def main(stages: Sequence[str], argv: Sequence[str] | None = None) -> int:
             time.perf_counter() - started,
             run_dir.root,
         )
+
+    return guarded(body)
+
+
+def guarded(body: Callable[[list], None]) -> int:
+    """Runs a job's body and turns its failure into an exit code and one log line; stops
+    the Spark sessions the body appended to its argument."""
+    sessions: list = []
+    try:
+        body(sessions)
         return 0
     except SparknetError as exc:
         log.error("%s", exc)
@@ -115,7 +124,7 @@ def main(stages: Sequence[str], argv: Sequence[str] | None = None) -> int:
         log.debug("Spark failure", exc_info=True)
         return 1
     finally:
-        if spark is not None:
+        for spark in sessions:
             try:
                 spark.stop()
             except Exception:  # the gateway may be gone after an interrupt

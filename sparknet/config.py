@@ -306,6 +306,23 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
+class EvaluateConfig:
+    """The evaluate stage's comparison of the network with simpler models on the same
+    features and test split (sparknet/compare.py)."""
+
+    # Off by default: on the 117 PCA components of the full flights, gradient boosting
+    # and Spark's MLP take tens of seconds each on 2 cores, more than the rest of
+    # evaluate and a large share of the whole pipeline. Off keeps the network and the
+    # constant baseline, in metrics.json and the report.
+    compare: bool = False
+    # scikit-learn models fit on at most this many train rows (a seeded sample beyond it).
+    compare_rows: int = 100_000
+    # Spark ML's MultilayerPerceptronClassifier: L-BFGS iterations (each a pass over the
+    # train split); 0 leaves it out.
+    spark_mlp_iterations: int = 30
+
+
+@dataclass(frozen=True)
 class Config:
     name: str
     sources: dict[str, SourceConfig]
@@ -320,6 +337,7 @@ class Config:
     shard: ShardConfig = field(default_factory=ShardConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     path: str = ""  # where it was loaded from, for messages
 
 
@@ -558,6 +576,12 @@ def _check(c: Config) -> None:
     """Cross-field rules that types alone cannot express."""
     w = c.path
     _check_tracking(c, w)
+    _positive(f"{w}: evaluate.compare_rows", c.evaluate.compare_rows)
+    if c.evaluate.spark_mlp_iterations < 0:
+        raise ConfigError(
+            f"{w}: evaluate.spark_mlp_iterations: must be >= 0 (0 leaves Spark's MLP out), "
+            f"got {c.evaluate.spark_mlp_iterations}"
+        )
     if c.main not in c.sources:
         raise ConfigError(
             f"{w}: main: '{c.main}' is not a source; sources are {', '.join(c.sources)}"

@@ -174,14 +174,21 @@ def prepared_table(spark: SparkSession, config: Config, run_dir: RunDir) -> Data
         )
     clean = spark.read.parquet(str(run_dir.require(run_dir.clean, "clean")))
     df = with_derived(clean, config).withColumn(SPLIT, split_column(config.split))
+    selected = pipeline_inputs(config)
+    selected[config.label.name] = F.col(config.label.name).cast("double")
+    selected[SPLIT] = F.col(SPLIT)
+    return df.select(*[col.alias(name) for name, col in selected.items()])
+
+
+def pipeline_inputs(config: Config) -> dict[str, Column]:
+    """The columns the feature pipeline reads, typed as it was fitted on them; scoring
+    (sparknet/predict.py) builds its input with this too, so both sides cast alike."""
     # A column may be both a key and a feature (flights: month); select it once.
     selected = {c: F.col(c) for c in config.split.key}
     selected.update({c: F.col(c).cast("double") for c in config.features.numeric})
     selected.update({c: F.col(c).cast("string") for c in config.features.categorical})
     selected.update({c: F.col(c).cast("string") for c in config.features.target_encoded})
-    selected[config.label.name] = F.col(config.label.name).cast("double")
-    selected[SPLIT] = F.col(SPLIT)
-    return df.select(*[col.alias(name) for name, col in selected.items()])
+    return selected
 
 
 def fit_and_project(spark: SparkSession, config: Config, run_dir: RunDir) -> dict:

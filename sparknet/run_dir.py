@@ -19,7 +19,10 @@ run alone given the folder the previous stages wrote.
       model/               train: model.pt (state_dict) + model.json (architecture)
       train.json           train: per-epoch history, per-rank sample accounting
       checkpoints/         train: the latest checkpoints, resumed by a relaunch
-      metrics.json         evaluate: test metrics and baselines
+      metrics.json         evaluate: test metrics, calibration, the comparison table
+      report.html          evaluate: the run on one self-contained page (images inline)
+      artifact/            export: everything scoring needs (see sparknet/export.py)
+      timings.json         the command line: seconds per stage, from each stage's last run
 """
 
 from __future__ import annotations
@@ -114,6 +117,28 @@ class RunDir:
     def metrics(self) -> Path:
         return self.root / "metrics.json"
 
+    @property
+    def report(self) -> Path:
+        return self.root / "report.html"
+
+    @property
+    def timings(self) -> Path:
+        """Not a stage's output: every stage run through the command line adds its own."""
+        return self.root / "timings.json"
+
+    def record_timing(self, stage: str, seconds: float, order: list[str]) -> None:
+        """Keeps `stage`'s seconds and forgets those of the stages after it, whose
+        outputs the stage has just removed."""
+        timings = read_json(self.timings) if self.timings.exists() else {}
+        later = set(order[order.index(stage) :])
+        timings = {name: s for name, s in timings.items() if name not in later}
+        timings[stage] = round(seconds, 2)
+        write_json(self.timings, {name: timings[name] for name in order if name in timings})
+
+    @property
+    def artifact(self) -> Path:
+        return self.root / "artifact"
+
     def outputs(self, stage: str) -> list[Path]:
         """What `stage` writes (ingest's raw/ is left out: users may place raw files there
         themselves)."""
@@ -123,7 +148,8 @@ class RunDir:
             "features": [self.features, self.feature_pipeline, self.pca, self.pca_scree],
             "shard": [self.shards, self.shards_manifest],
             "train": [self.train_dir, self.model, self.train_report],
-            "evaluate": [self.metrics],
+            "evaluate": [self.metrics, self.report],
+            "export": [self.artifact],
         }[stage]
 
     def clear_from(self, stage: str, order: list[str]) -> list[Path]:

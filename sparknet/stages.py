@@ -10,6 +10,7 @@ from pyspark.sql import SparkSession
 from sparknet.clean import clean
 from sparknet.config import Config
 from sparknet.evaluate import evaluate
+from sparknet.export import export
 from sparknet.features import fit_and_project
 from sparknet.ingest import ingest
 from sparknet.run_dir import RunDir
@@ -25,12 +26,14 @@ STAGES: dict[str, Stage] = {
     "shard": shard,
     "train": train,
     "evaluate": evaluate,
+    "export": export,
 }
 
 
 def rows_of(stage: str, report: dict) -> int | None:
-    """The number of rows a stage produced, for the log line (ingest copies files)."""
-    if stage == "ingest":
+    """The number of rows a stage produced, for the log line (ingest copies files,
+    export writes the artifact)."""
+    if stage in ("ingest", "export"):
         return None
     if stage == "clean":
         return report["clean"]

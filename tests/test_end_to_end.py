@@ -1,54 +1,19 @@
 """The jobs as a user runs them, on a sample of the real 2013 flights, in local[2]:
 `python jobs/pipeline.py` for the whole path, then a stage under `spark-submit`."""
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
+from browser import assert_renders_with_images
 
-from conftest import REPO
-from sparknet.run_dir import RunDir, read_json
+from conftest import run_job
+from sparknet.run_dir import read_json
 from sparknet.train.data import iterate_rank
 from sparknet.train.plan import ShardPlan
 
 pytestmark = pytest.mark.slow
-
-
-def run_job(args, cwd=REPO, timeout=900):
-    env = {**os.environ, "SPARK_LOCAL_IP": "127.0.0.1", "PYSPARK_PYTHON": sys.executable}
-    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    return done.returncode, done.stdout + done.stderr
-
-
-@pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory, flights_sample):
-    raw, n_rows = flights_sample
-    from conftest import flights_config_dict, small_training
-
-    data = small_training(flights_config_dict(), epochs=4)
-    data["ingest"] = {}
-    root = tmp_path_factory.mktemp("e2e")
-    config_path = root / "flights-sample.yaml"
-    config_path.write_text(yaml.safe_dump(data, sort_keys=False))
-    run_dir = RunDir.at(root / "run")
-    (run_dir.root).mkdir()
-    os.symlink(raw, run_dir.raw)
-    code, log = run_job(
-        [
-            sys.executable,
-            "jobs/pipeline.py",
-            "--config",
-            str(config_path),
-            "--run-dir",
-            str(run_dir.root),
-        ]
-    )
-    assert code == 0, log[-5000:]
-    return run_dir, n_rows, log, config_path
 
 
 def test_every_flight_is_clean_or_rejected(pipeline_run):
@@ -97,6 +62,40 @@ def test_model_beats_the_majority_baseline(pipeline_run):
     assert "majority_baseline" in log and "roc_auc" in log
 
 
+def test_comparison_table_has_every_model_on_the_test_split(pipeline_run):
+    run_dir, _, log, _ = pipeline_run
+    metrics = read_json(run_dir.metrics)
+    comparison = metrics["comparison"]
+    models = {m["name"].split(" (")[0]: m for m in comparison["models"]}
+    assert set(models) == {
+        "majority baseline",
+        "sklearn LogisticRegression",
+        "sklearn HistGradientBoostingClassifier",
+        "Spark ML MultilayerPerceptronClassifier",
+        "sparknet MLP [128, 64]",
+    }
+    assert comparison["test_rows"] == metrics["rows"]
+    network = models["sparknet MLP [128, 64]"]
+    assert network["roc_auc"] == pytest.approx(metrics["model"]["roc_auc"], rel=1e-12)
+    for name, m in models.items():
+        assert m["fit_seconds"] is not None and m["log_loss"] > 0, name
+        if name != "majority baseline":
+            assert m["roc_auc"] > 0.6, name
+    assert "comparison on the test split" in log and "HistGradientBoostingClassifier" in log
+
+
+def test_report_opens_in_chromium_with_its_images(pipeline_run, tmp_path):
+    run_dir, _, _, _ = pipeline_run
+    timings = read_json(run_dir.timings)
+    # export runs after evaluate wrote the report, so only timings.json holds its seconds.
+    assert list(timings) == ["ingest", "clean", "features", "shard", "train", "evaluate", "export"]
+    page = run_dir.report.read_text()
+    for stage in ("clean", "features", "shard", "train"):
+        assert f"<td>{stage}</td>" in page
+    assert "Spark ML MultilayerPerceptronClassifier" in page
+    assert_renders_with_images(run_dir.report, tmp_path)
+
+
 def test_stage_runs_unchanged_under_spark_submit(pipeline_run):
     run_dir, _, _, config_path = pipeline_run
     before = read_json(run_dir.metrics)
@@ -116,7 +115,10 @@ def test_stage_runs_unchanged_under_spark_submit(pipeline_run):
     assert code == 0, log[-5000:]
     assert "master local[2]" in log
     after = read_json(run_dir.metrics)
-    assert after["model"] == pytest.approx(before["model"], rel=1e-9)
+    # approx compares flat mappings only; the confusion matrix holds exact counts.
+    numbers = {k: v for k, v in before["model"].items() if isinstance(v, float)}
+    assert {k: after["model"][k] for k in numbers} == pytest.approx(numbers, rel=1e-9)
+    assert after["model"]["confusion_matrix"] == before["model"]["confusion_matrix"]
 
 
 def test_bad_config_is_one_clear_line(tmp_path):

@@ -4,10 +4,12 @@ with the label swapped, as regression."""
 
 import copy
 
+import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, evaluated_by_key
 from sparknet.config import config_from_dict, read_yaml
+from sparknet.predict import predict
 from sparknet.run_dir import RunDir, read_json
 from sparknet.stages import STAGES
 
@@ -71,6 +73,32 @@ def test_species_are_learned(species_run):
     assert len(counts) == 3 and sum(map(sum, counts)) == metrics["rows"]
 
 
+def scored_like_evaluate(spark, data: dict, run_dir: RunDir):
+    """Every raw penguin (columns under their names in the file, as text) through
+    predict(); returns the test rows joined with evaluate's scores, and the rejects."""
+    config = config_from_dict(data, where=str(PENGUINS_YAML))
+    raw = spark.read.option("header", "true").csv(str(run_dir.raw / "penguins.csv"))
+    scored, rejects = predict(spark, config, run_dir, raw)
+    scored = scored.toPandas()
+    assert len(scored) + rejects.count() == raw.count()
+    key = list(config.split.key)
+    expected = evaluated_by_key(spark, run_dir, config)
+    scored = scored.astype({c: expected[c].dtype for c in key})
+    both = expected.merge(scored, on=key, suffixes=("_evaluate", "_predict"), validate="1:1")
+    assert len(both) == len(expected)
+    return both, rejects.toPandas()
+
+
+def test_scoring_raw_penguins_gives_evaluate_class_probabilities(spark, species_run):
+    both, rejects = scored_like_evaluate(spark, read_yaml(PENGUINS_YAML), species_run)
+    assert rejects["reason"].tolist() == ["missing_value", "missing_value"]
+    p_eval = np.stack(both["probability_evaluate"].to_numpy())
+    p_pred = np.stack(both["probability_predict"].to_numpy())
+    assert np.abs(p_eval - p_pred).max() <= 1e-6
+    classes = read_json(species_run.artifact / "model_card.json")["classes"]
+    assert both["predicted_species_id"].tolist() == [classes[i] for i in p_pred.argmax(axis=1)]
+
+
 def test_body_mass_as_a_regression_target(spark, tmp_path):
     data = copy.deepcopy(read_yaml(PENGUINS_YAML))
     data["label"] = {
@@ -96,3 +124,9 @@ def test_body_mass_as_a_regression_target(spark, tmp_path):
     # Species and sex explain most of a penguin's mass; the unit is grams.
     assert model["r2"] > 0.7
     assert model["rmse"] < 0.6 * baseline["rmse"] and 100 < model["rmse"] < 500
+
+    both, _ = scored_like_evaluate(spark, data, run_dir)
+    # Relative: the network's float32 output is in standard units, and its last-bit
+    # differences between batch sizes are scaled by the target's std (about 800 g).
+    np.testing.assert_allclose(both["prediction_predict"], both["prediction_evaluate"], rtol=1e-6)
+    assert (both["predicted_mass"] == both["prediction_predict"]).all()
