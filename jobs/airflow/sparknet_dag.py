@@ -40,7 +40,7 @@ from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOpe
 from airflow.sdk import DAG, Param
 
 # In sparknet.stages.STAGES order; tests/test_airflow.py checks that they agree.
-STAGES = ("ingest", "clean", "features", "shard", "train", "evaluate")
+STAGES = ("ingest", "clean", "features", "shard", "train", "evaluate", "export")
 
 DAG_ID = "sparknet"
 
