@@ -270,21 +270,19 @@ def penguins_config(folder: Path, name: str, **train) -> Path:
     return path
 
 
-def copy_run_dir(source: Path, target: Path, keep_training: bool) -> Path:
-    """A copy of a finished run directory; without the training's outputs (and its
-    checkpoints) unless `keep_training`."""
-    dropped = set() if keep_training else {"train", "model", "train.json", "checkpoints"}
-    dropped |= {"metrics.json"}
-
-    def ignore(folder, names):
-        return [n for n in names if Path(folder) == source and n in dropped]
-
-    shutil.copytree(source, target, ignore=ignore)
-    return target
-
-
 BEFORE_TRAIN = list(STAGES)[: list(STAGES).index("train")]
 AFTER_TRAIN = list(STAGES)[list(STAGES).index("train") + 1 :]
+
+
+def copy_run_dir(source: RunDir, target: Path, first_removed: str) -> RunDir:
+    """A copy of a finished run directory without the outputs of `first_removed` and the
+    stages after it (and without the checkpoints when that includes train)."""
+    shutil.copytree(source.root, target)
+    copy = RunDir.at(target)
+    copy.clear_from(first_removed, list(STAGES))
+    if first_removed in BEFORE_TRAIN + ["train"]:
+        shutil.rmtree(copy.checkpoints, ignore_errors=True)
+    return copy
 
 
 # --- the DAG as Airflow parses it -------------------------------------------------
@@ -424,6 +422,9 @@ def test_the_dag_runs_end_to_end_on_local_spark(retried_run):
     assert metrics["rows"] > 0 and metrics["split"] == "test", metrics
     assert metrics["model"]["accuracy"] > metrics["majority_baseline"]["accuracy"], metrics
     assert (run_dir.model / "model.pt").exists()
+    # export's artifact: the last stage's outputs.
+    card = read_json(run_dir.artifact / "model_card.json")
+    assert (run_dir.artifact / "network" / "scorer.pt").exists(), card
 
 
 def test_a_retried_train_task_resumes_from_its_checkpoint(retried_run):
@@ -445,7 +446,7 @@ def test_a_retried_train_task_resumes_from_its_checkpoint(retried_run):
 
 def test_a_failing_train_task_fails_and_evaluate_does_not_run(retried_run, migrated_db, tmp_path):
     _, _, finished = retried_run
-    run_dir = RunDir.at(copy_run_dir(finished.root, tmp_path / "run", keep_training=False))
+    run_dir = copy_run_dir(finished, tmp_path / "run", first_removed="train")
     config = penguins_config(
         tmp_path, "penguins-fault", fault={"kind": "raise", "rank": 1, "step": 1}
     )
@@ -462,7 +463,7 @@ def test_a_failing_train_task_fails_and_evaluate_does_not_run(retried_run, migra
 
 def test_rerunning_a_finished_train_task_does_nothing(retried_run, migrated_db, tmp_path):
     _, config, finished = retried_run
-    run_dir = RunDir.at(copy_run_dir(finished.root, tmp_path / "run", keep_training=True))
+    run_dir = copy_run_dir(finished, tmp_path / "run", first_removed="evaluate")
     report = run_dir.train_report.read_bytes()
     airflow = Airflow(tmp_path / "home", migrated_db, retries=0)
     others = [s for s in STAGES if s != "train"]

@@ -1,8 +1,9 @@
 """sparknet's pipeline as an Airflow DAG: one SparkSubmitOperator per stage, each
 running `jobs/<stage>.py --config CONFIG --run-dir RUN_DIR` in sparknet's own venv.
 
-This file is parsed by Airflow's interpreter, which has neither sparknet nor pyspark:
-it imports only Airflow. Every stage clears its own earlier outputs before it writes,
+This file is parsed by Airflow's interpreter, which has neither sparknet nor torch (nor
+Spark itself: the Spark provider brings only the Spark Connect client): it imports only
+Airflow. Every stage clears its own earlier outputs before it writes,
 so a retried task starts clean; the train stage keeps its checkpoints and a retry
 resumes from the latest one (a finished training is not redone).
 
@@ -101,7 +102,7 @@ def sparknet_run_dir(requested: str, run_id: str) -> str:
 
 with DAG(
     dag_id=DAG_ID,
-    description="sparknet: ingest, clean, features, shard, train (DDP), evaluate",
+    description="sparknet: " + " -> ".join(STAGES),
     schedule=None,
     catchup=False,
     params={
