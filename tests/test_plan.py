@@ -11,7 +11,7 @@ import pytest
 
 from sparknet.errors import TrainingError
 from sparknet.run_dir import RunDir
-from sparknet.train.data import iterate_rank
+from sparknet.train.data import iterate_memory, iterate_rank, load_groups
 from sparknet.train.plan import RowGroup, ShardPlan, Slice, make_plan, read_row_groups
 
 COLUMNS = ["pc_000", "pc_001"]
@@ -276,3 +276,27 @@ def test_slices_are_plain_values():
         plan.rank_rows(2)
     with pytest.raises(TrainingError, match="train.seed"):
         plan.rank_slices(0, 0, -1)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_the_in_memory_feed_serves_bitwise_the_streamed_batches(tmp_path, world_size):
+    """The benchmark's yardstick for streaming (TaskSpec.feed="memory") must train on
+    exactly what Petastorm hands the loop, or the comparison measures something else."""
+    write_files(tmp_path / "split", [700, 300, 1000], row_group_size=400)
+    plan = make_plan(read_row_groups(tmp_path / "split"), world_size, 64)
+    groups = load_groups(plan, COLUMNS)
+    for epoch, shuffle, start_step in ((0, True, 0), (1, True, 3), (0, False, 0)):
+        for rank in range(world_size):
+            streamed = list(
+                iterate_rank(plan, rank, epoch, 11, COLUMNS, shuffle=shuffle, start_step=start_step)
+            )
+            held = list(
+                iterate_memory(
+                    groups, plan, rank, epoch, 11, shuffle=shuffle, start_step=start_step
+                )
+            )
+            assert len(held) == len(streamed) == plan.steps_per_epoch - start_step
+            for a, b in zip(streamed, held, strict=True):
+                for part_a, part_b in zip(a, b, strict=True):
+                    assert part_a.dtype == part_b.dtype
+                    np.testing.assert_array_equal(part_a, part_b)

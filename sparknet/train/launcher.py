@@ -429,7 +429,11 @@ def process_running(pid: int) -> bool:
         return False
 
 
-def train(spark: SparkSession, config: Config, run_dir: RunDir) -> dict:
+def train(spark: SparkSession, config: Config, run_dir: RunDir, feed: str = "stream") -> dict:
+    """The train stage. `feed="memory"` trains on the same batches held in memory instead
+    of streamed (TaskSpec.feed): for the benchmark, not for users."""
+    if feed not in ("stream", "memory"):
+        raise ValueError(f"feed must be 'stream' or 'memory', got {feed!r}")
     manifest = read_json(run_dir.require(run_dir.shards_manifest, "shard"))
     columns = manifest["columns"]
     t = config.train
@@ -495,6 +499,7 @@ def train(spark: SparkSession, config: Config, run_dir: RunDir) -> dict:
                 fingerprint=run_fingerprint,
                 resume_from=resume[0] if resume else None,
                 attempt=attempt,
+                feed=feed,
             )
             try:
                 results = run_barrier(

@@ -65,6 +65,10 @@ class TaskSpec:
     fingerprint: str  # of the config and shards: checkpoints of anything else are refused
     resume_from: str | None = None  # the checkpoint this launch continues from
     attempt: int = 0  # launches before this one
+    # "stream": Petastorm reads the shards every epoch (what users run); "memory": the
+    # rank decodes every row group once before training and gathers the same batches
+    # from memory, the benchmark's yardstick for what streaming costs (data.py).
+    feed: str = "stream"
 
 
 def is_loopback(host: str) -> bool:
@@ -332,7 +336,7 @@ def _train(spec: TaskSpec, context, events: EventClient) -> dict:
     import torch
     from torch.nn.parallel import DistributedDataParallel
 
-    from sparknet.train.data import iterate_rank
+    from sparknet.train.data import iterate_memory, iterate_rank, load_groups
     from sparknet.train.model import build_mlp, save_model, state_to_bytes, task_loss
     from sparknet.train.optim import (
         EarlyStopping,
@@ -390,6 +394,10 @@ def _train(spec: TaskSpec, context, events: EventClient) -> dict:
         if spec.resume_from is not None:
             run.restore(model, optimizer, scheduler, stopper, rank, steps, t.seed)
         best_state, history = run.best_state, run.history
+        in_memory = None
+        if spec.feed == "memory":
+            events.at(run.epoch, run.step, "read")
+            in_memory = load_groups(plan, model_spec.columns)
 
         def save_checkpoint(epoch: int, step: int, partial, stopped: bool) -> None:
             _checkpoint(
@@ -407,17 +415,22 @@ def _train(spec: TaskSpec, context, events: EventClient) -> dict:
             # starts from the checkpoint's sums.
             seen, loss_total, waited = run.partial(epoch, rank)
             events.at(epoch, first_step, "read")
-            batches = iterate_rank(
-                plan,
-                rank,
-                epoch,
-                t.seed,
-                model_spec.columns,
-                shuffle=True,
-                prefetch_row_groups=t.prefetch_row_groups,
-                reader_threads=threads,
-                start_step=first_step,
-            )
+            if in_memory is None:
+                batches = iterate_rank(
+                    plan,
+                    rank,
+                    epoch,
+                    t.seed,
+                    model_spec.columns,
+                    shuffle=True,
+                    prefetch_row_groups=t.prefetch_row_groups,
+                    reader_threads=threads,
+                    start_step=first_step,
+                )
+            else:
+                batches = iterate_memory(
+                    in_memory, plan, rank, epoch, t.seed, start_step=first_step
+                )
             step = first_step - 1
             asked = time.perf_counter()
             for step, (ids, x, y) in enumerate(batches, start=first_step):
