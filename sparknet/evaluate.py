@@ -29,7 +29,7 @@ from sklearn.metrics import (
 
 from sparknet.config import Config
 from sparknet.errors import RunDirError
-from sparknet.run_dir import RunDir, write_json
+from sparknet.run_dir import RunDir, spark_path, write_json
 from sparknet.shard import LABEL, SAMPLE_ID
 from sparknet.train.model import ModelSpec, load_model_files
 
@@ -189,8 +189,8 @@ def evaluate(spark: SparkSession, config: Config, run_dir: RunDir) -> dict:
             f"has label.task={config.label.task} (classes {config.label.classes}); rerun the "
             "'train' stage with this config"
         )
-    test = spark.read.parquet(str(run_dir.require(run_dir.shard("test"), "shard")))
-    train = spark.read.parquet(str(run_dir.shard("train")))
+    test = spark.read.parquet(spark_path(run_dir.require(run_dir.shard("test"), "shard")))
+    train = spark.read.parquet(spark_path(run_dir.shard("train")))
     name, _ = output_column(spec)
     scored = score(test, spec, state).select(LABEL, name).toPandas()
     y = scored[LABEL].to_numpy(np.float64)

@@ -23,7 +23,7 @@ from pyspark.sql import functions as F
 
 from sparknet.config import Config
 from sparknet.errors import TrainingError
-from sparknet.run_dir import RunDir, read_json, write_json
+from sparknet.run_dir import RunDir, read_json, spark_path, write_json
 from sparknet.shard import LABEL, SAMPLE_ID
 from sparknet.train import checkpoint
 from sparknet.train.events import EventServer
@@ -46,7 +46,7 @@ def label_summary(spark: SparkSession, path: str) -> dict:
     and how many labels are not whole numbers (class indices must be)."""
     label = F.col(LABEL).cast("double")
     row = (
-        spark.read.parquet(path)
+        spark.read.parquet(spark_path(path))
         .agg(
             F.count(label).alias("rows"),
             F.sum((label.isNull() | F.isnan(label)).cast("long")).alias("nulls"),
