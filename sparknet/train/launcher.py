@@ -203,6 +203,10 @@ def python_error(exc: Exception) -> str:
     found = re.findall(r"(sparknet\.errors\.\w+: .*?)(?:\n\s+at |\Z)", text, flags=re.S)
     if found:
         return found[-1].strip()
+    # No Python exception: an executor went away (killed, out of memory, its node lost).
+    lost = re.search(r"ExecutorLostFailure \(.*", text)
+    if lost:
+        return lost.group(0).strip()
     lines = [ln for ln in text.splitlines() if ln.strip()]
     return "\n".join(lines[-15:])
 
@@ -321,6 +325,9 @@ def driver_address(spark: SparkSession) -> tuple[str, str]:
 
 # How long a cancelled job may take to end before the driver stops waiting for it.
 CANCEL_WAIT_S = 60.0
+# How long a failed job's ranks may take to report their end before the driver says why
+# it failed.
+RANKS_END_WAIT_S = 10.0
 
 
 def run_barrier(
@@ -382,6 +389,8 @@ def run_barrier(
             break
     if stalled is None and "error" not in outcome:
         return outcome["results"]
+    if stalled is None:
+        events.wait_until_ended(RANKS_END_WAIT_S)
     # What the ranks said comes first; Spark's message when they said nothing.
     if stalled:
         reason = stalled
