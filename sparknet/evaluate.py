@@ -31,7 +31,7 @@ from sparknet.compare import (
 from sparknet.config import Config
 from sparknet.errors import RunDirError
 from sparknet.report import write_report
-from sparknet.run_dir import RunDir, read_json, write_json
+from sparknet.run_dir import RunDir, read_json, spark_path, write_json
 from sparknet.shard import LABEL, SAMPLE_ID
 from sparknet.train.model import ModelSpec, load_model_files
 
@@ -208,8 +208,8 @@ def evaluate(spark: SparkSession, config: Config, run_dir: RunDir) -> dict:
             f"has label.task={config.label.task} (classes {config.label.classes}); rerun the "
             "'train' stage with this config"
         )
-    test = spark.read.parquet(str(run_dir.require(run_dir.shard("test"), "shard")))
-    train = spark.read.parquet(str(run_dir.shard("train")))
+    test = spark.read.parquet(spark_path(run_dir.require(run_dir.shard("test"), "shard")))
+    train = spark.read.parquet(spark_path(run_dir.shard("train")))
     name, _ = output_column(spec)
     # In sample_id order, which every other model's test output follows too.
     scored = score(test, spec, state).select(SAMPLE_ID, LABEL, name).toPandas()

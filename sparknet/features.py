@@ -47,7 +47,7 @@ from sparknet.feature_rules import (
 )
 from sparknet.pca import PcaFit, fit_pca, projection_stage, write_scree_plot
 from sparknet.quality import features_quality, log_features_quality
-from sparknet.run_dir import RunDir, read_json, write_json
+from sparknet.run_dir import RunDir, read_json, spark_path, write_json
 from sparknet.target_encoding import encoding_stage, fit_target_encoding, prior_counts
 
 log = logging.getLogger(__name__)
@@ -172,7 +172,7 @@ def prepared_table(spark: SparkSession, config: Config, run_dir: RunDir) -> Data
             f"{run_dir.quality} does not record a finished clean stage: rerun clean "
             f"(jobs/clean.py --config CONFIG --run-dir {run_dir.root})"
         )
-    clean = spark.read.parquet(str(run_dir.require(run_dir.clean, "clean")))
+    clean = spark.read.parquet(spark_path(run_dir.require(run_dir.clean, "clean")))
     df = with_derived(clean, config).withColumn(SPLIT, split_column(config.split))
     selected = pipeline_inputs(config)
     selected[config.label.name] = F.col(config.label.name).cast("double")
@@ -259,14 +259,14 @@ def fit_and_project(spark: SparkSession, config: Config, run_dir: RunDir) -> dic
     tail = output_stages(fit, encoded, through_pca)
     head = [encoding_stage(encodings)] if encodings else []
     model = PipelineModel(stages=[*head, *prep.stages, *tail])
-    model.write().overwrite().save(str(run_dir.feature_pipeline))
+    model.write().overwrite().save(spark_path(run_dir.feature_pipeline))
 
     kept_cols = [*config.split.key, config.label.name, SPLIT, FEATURES]
     projected_train = PipelineModel(stages=[*prep.stages, *tail]).transform(train)
     projected = projected_train.select(*kept_cols).unionByName(
         model.transform(df.filter(F.col(SPLIT) != "train")).select(*kept_cols)
     )
-    projected.write.mode("overwrite").partitionBy(SPLIT).parquet(str(run_dir.features))
+    projected.write.mode("overwrite").partitionBy(SPLIT).parquet(spark_path(run_dir.features))
     split_counts = {r[SPLIT]: r["count"] for r in df.groupBy(SPLIT).count().collect()}
     applied = applied_counts(df, rules)
     applied.update(prior_counts(df.filter(F.col(SPLIT) != "train"), encodings))

@@ -94,7 +94,7 @@ def leave_out(path: Path, venv: Path, site: Path) -> bool:
     relative = path.relative_to(venv)
     if relative.parts[0] == "bin" and relative.name.lower().startswith("activate"):
         return True
-    return path.parent == site and path.name.startswith("__editable__")
+    return path.name.startswith("__editable__") and site in (path.parent, path.parent.parent)
 
 
 def main(argv: list[str] | None = None) -> int:

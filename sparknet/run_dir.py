@@ -66,6 +66,14 @@ OUTPUTS: dict[str, tuple[str, ...]] = {
 }
 
 
+def spark_path(path: str | os.PathLike) -> str:
+    """A local path as Spark is given it: with its scheme. Spark resolves a bare path on
+    its default filesystem, which on a YARN cluster is HDFS, while sparknet's own file
+    calls (JSON reports, shard footers, the model) use the local, shared mount."""
+    text = str(path)
+    return text if "://" in text else "file://" + os.path.abspath(text)
+
+
 @dataclass(frozen=True)
 class RunDir:
     root: Path

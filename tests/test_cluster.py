@@ -319,5 +319,5 @@ def test_too_few_slots_fail_the_preflight_in_seconds(runs, cluster, shipped, con
     )
     assert "maxRegisteredResourcesWaitingTime" in log
     assert "Traceback" not in log
-    assert "launching" not in log
+    assert "barrier tasks (one torch rank each)" not in log  # never launched
     print(f"preflight refusal: spark-submit returned {code} after {seconds:.1f} s")

@@ -258,6 +258,18 @@ class EventServer:
             return f"no progress for {timeout_s:.0f} s (train.timeout_s): {where}"
         return ""
 
+    def wait_until_ended(self, within_s: float) -> None:
+        """Waits, at most `within_s`, until every rank has finished or lost its
+        connection. Spark can end the job first (an executor lost: the cluster manager
+        tells the driver while the rank's process is still being killed), and a
+        diagnosis made then knows nothing of the rank that went."""
+        deadline = time.monotonic() + within_s
+        while time.monotonic() < deadline:
+            with self._lock:
+                if all(s.done or s.closed for s in self.ranks.values()):
+                    return
+            time.sleep(0.1)
+
     def retriable(self) -> bool:
         """Whether a relaunch may get further: not when the first rank to fail raised a
         sparknet error (a non-finite loss, shards that changed: it would happen again);

@@ -23,7 +23,7 @@ from pyspark.sql import functions as F
 
 from sparknet.config import Config
 from sparknet.errors import TrainingError
-from sparknet.run_dir import RunDir, read_json, write_json
+from sparknet.run_dir import RunDir, read_json, spark_path, write_json
 from sparknet.shard import LABEL, SAMPLE_ID
 from sparknet.train import checkpoint
 from sparknet.train.events import EventServer
@@ -46,7 +46,7 @@ def label_summary(spark: SparkSession, path: str) -> dict:
     and how many labels are not whole numbers (class indices must be)."""
     label = F.col(LABEL).cast("double")
     row = (
-        spark.read.parquet(path)
+        spark.read.parquet(spark_path(path))
         .agg(
             F.count(label).alias("rows"),
             F.sum((label.isNull() | F.isnan(label)).cast("long")).alias("nulls"),
@@ -203,6 +203,10 @@ def python_error(exc: Exception) -> str:
     found = re.findall(r"(sparknet\.errors\.\w+: .*?)(?:\n\s+at |\Z)", text, flags=re.S)
     if found:
         return found[-1].strip()
+    # No Python exception: an executor went away (killed, out of memory, its node lost).
+    lost = re.search(r"ExecutorLostFailure \(.*", text)
+    if lost:
+        return lost.group(0).strip()
     lines = [ln for ln in text.splitlines() if ln.strip()]
     return "\n".join(lines[-15:])
 
@@ -318,6 +322,9 @@ def driver_address(spark: SparkSession) -> tuple[str, str]:
 
 # How long a cancelled job may take to end before the driver stops waiting for it.
 CANCEL_WAIT_S = 60.0
+# How long a failed job's ranks may take to report their end before the driver says why
+# it failed.
+RANKS_END_WAIT_S = 10.0
 
 
 def run_barrier(
@@ -379,6 +386,8 @@ def run_barrier(
             break
     if stalled is None and "error" not in outcome:
         return outcome["results"]
+    if stalled is None:
+        events.wait_until_ended(RANKS_END_WAIT_S)
     # What the ranks said comes first; Spark's message when they said nothing.
     if stalled:
         reason = stalled
