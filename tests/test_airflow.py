@@ -279,7 +279,15 @@ def copy_run_dir(source: RunDir, target: Path, first_removed: str) -> RunDir:
     stages after it (and without the checkpoints when that includes train)."""
     shutil.copytree(source.root, target)
     copy = RunDir.at(target)
-    copy.clear_from(first_removed, list(STAGES))
+    order = list(STAGES)
+    for stage in order[order.index(first_removed) :]:
+        # The status first: it is the commit record that says the outputs are there.
+        copy.status(stage).unlink(missing_ok=True)
+        for path in copy.outputs(stage):
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
     if first_removed in BEFORE_TRAIN + ["train"]:
         shutil.rmtree(copy.checkpoints, ignore_errors=True)
     return copy
