@@ -105,8 +105,12 @@ def test_report_opens_in_chromium_with_its_images(pipeline_run, tmp_path):
     assert_renders_with_images(run_dir.report, tmp_path)
 
 
-def test_stage_runs_unchanged_under_spark_submit(pipeline_run):
-    run_dir, _, _, config_path = pipeline_run
+def test_stage_runs_unchanged_under_spark_submit(pipeline_run, tmp_path):
+    done, _, _, config_path = pipeline_run
+    # On a copy: the shared run stays as the pipeline left it (its artifact holds the
+    # metrics of its own evaluate stage).
+    run_dir = RunDir.at(tmp_path / "run")
+    shutil.copytree(done.root, run_dir.root, symlinks=True)
     before = read_json(run_dir.metrics)
     spark_submit = Path(sys.executable).parent / "spark-submit"
     code, log = run_job(
@@ -119,12 +123,14 @@ def test_stage_runs_unchanged_under_spark_submit(pipeline_run):
             str(config_path),
             "--run-dir",
             str(run_dir.root),
-            "--force",
+            # The network's metrics are what is compared: the comparison models stay out.
+            "--set",
+            "evaluate.compare=false",
         ]
     )
     assert code == 0, log[-5000:]
     assert "master local[2]" in log
-    assert "[stage=evaluate rank=-] sparknet.cli: running: --force" in log
+    assert "[stage=evaluate rank=-] sparknet.cli: running: config changed: evaluate" in log
     after = read_json(run_dir.metrics)
     # approx compares flat mappings only; the confusion matrix holds exact counts.
     numbers = {k: v for k, v in before["model"].items() if isinstance(v, float)}
