@@ -44,7 +44,7 @@ from pyspark.sql import types as T
 from sparknet.config import ColumnConfig, Config, LabelConfig, SourceConfig
 from sparknet.errors import DataError, row_error_class, spark_error_summary
 from sparknet.quality import clean_column_types, column_profile, log_clean_quality
-from sparknet.run_dir import RunDir, write_json
+from sparknet.run_dir import RunDir, spark_path, write_json
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def read_raw(spark: SparkSession, name: str, src: SourceConfig, path: str) -> Da
         .option("mode", "PERMISSIVE")
         .option("columnNameOfCorruptRecord", CORRUPT)
     )
-    df = reader.csv(path) if src.format == "csv" else reader.json(path)
+    df = reader.csv(spark_path(path)) if src.format == "csv" else reader.json(spark_path(path))
     return df.select(
         *[F.col(f"`{spec.name_in_file(c)}`").alias(c) for c, spec in src.columns.items()],
         CORRUPT,
@@ -108,7 +108,7 @@ def read_raw(spark: SparkSession, name: str, src: SourceConfig, path: str) -> Da
 
 
 def _read_parquet(spark: SparkSession, name: str, src: SourceConfig, path: str) -> DataFrame:
-    df = spark.read.parquet(path)
+    df = spark.read.parquet(spark_path(path))
     present = set(df.columns)
     missing = [m for m in src.names_in_file if m not in present]
     if missing:
@@ -185,7 +185,7 @@ def _check_json_fields(
     if src.option("multiLine", "false").lower() == "true":
         return {}  # whole-file JSON documents are not one record per line
     counts = (
-        spark.read.text(path)
+        spark.read.text(spark_path(path))
         .select(
             F.input_file_name().alias("file"),
             F.explode(F.json_object_keys("value")).alias("key"),
@@ -622,18 +622,18 @@ def clean(spark: SparkSession, config: Config, run_dir: RunDir) -> dict:
             )
     joined = joined.drop(*flags)
 
-    joined.write.mode("overwrite").parquet(str(run_dir.clean))
+    joined.write.mode("overwrite").parquet(spark_path(run_dir.clean))
     rejects = all_rejects[0]
     for more in all_rejects[1:]:
         rejects = rejects.unionByName(more)
-    rejects.coalesce(1).write.mode("overwrite").parquet(str(run_dir.rejects))
+    rejects.coalesce(1).write.mode("overwrite").parquet(spark_path(run_dir.rejects))
 
     # Reconcile from what was written, not from what was planned.
-    written = spark.read.parquet(str(run_dir.clean))
+    written = spark.read.parquet(spark_path(run_dir.clean))
     written_clean, profile = column_profile(written, clean_column_types(config))
     written_rejects = {
         (r["source"]): r["count"]
-        for r in spark.read.parquet(str(run_dir.rejects)).groupBy("source").count().collect()
+        for r in spark.read.parquet(spark_path(run_dir.rejects)).groupBy("source").count().collect()
     }
     for df in persisted:
         df.unpersist()

@@ -7,11 +7,17 @@ Nothing in sparknet knows about any particular dataset.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import difflib
+import functools
+import hashlib
+import json
 import math
 import re
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +45,8 @@ NUMERIC_TYPES = ("int", "long", "double", "float")
 NUMERIC_IMPUTE = ("median", "mean", "mode", "constant")
 CATEGORICAL_IMPUTE = ("category", "mode", "constant")
 DEVICES = ("auto", "cpu", "cuda")
+# log4j's levels, as SparkContext.setLogLevel takes them.
+SPARK_LOG_LEVELS = ("ALL", "TRACE", "DEBUG", "INFO", "WARN", "ERROR", "FATAL", "OFF")
 
 
 @dataclass(frozen=True)
@@ -46,6 +54,9 @@ class SparkConfig:
     # Used only when the job is not launched by spark-submit (which sets the master).
     master: str = "local[2]"
     conf: dict[str, str] = field(default_factory=dict)
+    # Spark's own log level once the session is up; WARN keeps its chatter out of the
+    # stage log (the lines the JVM prints while starting come before it can be set).
+    log_level: str = "WARN"
 
 
 @dataclass(frozen=True)
@@ -249,13 +260,17 @@ class FaultConfig:
     """A fault injected on purpose, to test that the job fails fast and says why: at
     global optimizer step `step` (counted from 0 across epochs), rank `rank` raises,
     exits its Python process, sleeps `seconds`, or feeds a NaN into its loss. Only on
-    launch `attempt` (0: the first), so that a relaunch gets past it."""
+    launch `attempt` (0: the first), so that a relaunch gets past it. With
+    `unless_resumed`, only in a launch that did not resume from a checkpoint: a rerun of
+    the stage in a new process (a scheduler's retry) then gets past it too, but only if
+    it really resumes."""
 
     kind: str
     rank: int = 0
     step: int = 0
     seconds: float = 3600.0
     attempt: int = 0
+    unless_resumed: bool = False
 
 
 @dataclass(frozen=True)
@@ -302,6 +317,23 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
+class EvaluateConfig:
+    """The evaluate stage's comparison of the network with simpler models on the same
+    features and test split (sparknet/compare.py)."""
+
+    # Off by default: on the 117 PCA components of the full flights, gradient boosting
+    # and Spark's MLP take tens of seconds each on 2 cores, more than the rest of
+    # evaluate and a large share of the whole pipeline. Off keeps the network and the
+    # constant baseline, in metrics.json and the report.
+    compare: bool = False
+    # scikit-learn models fit on at most this many train rows (a seeded sample beyond it).
+    compare_rows: int = 100_000
+    # Spark ML's MultilayerPerceptronClassifier: L-BFGS iterations (each a pass over the
+    # train split); 0 leaves it out.
+    spark_mlp_iterations: int = 30
+
+
+@dataclass(frozen=True)
 class Config:
     name: str
     sources: dict[str, SourceConfig]
@@ -316,6 +348,7 @@ class Config:
     shard: ShardConfig = field(default_factory=ShardConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     path: str = ""  # where it was loaded from, for messages
 
 
@@ -345,25 +378,170 @@ def read_yaml(path: str | Path) -> Any:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
 
 
-def load_config(path: str | Path) -> Config:
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """Reads and validates the YAML at `path` after applying `overrides`, each
+    `dotted.key=value` as given to --set (the value read as YAML)."""
     path = Path(path)
     data = read_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-    data = {**data, "path": str(path)}
-    config = _build(Config, data, where=str(path))
-    _check(config)
+    where = str(path)
+    if overrides:
+        data = apply_overrides(data, overrides)
+        where = f"{path} with --set {' '.join(overrides)}"
+    return config_from_dict(data, where=where, path=str(path))
+
+
+def config_from_dict(
+    data: dict[str, Any], where: str = "<dict>", path: str | None = None
+) -> Config:
+    """`where` names the config's origin in messages; `path` (default: `where`) is kept
+    in Config.path."""
+    data = {**data, "path": where if path is None else path}
+    config = _build(Config, data, where=f"{where}:")
+    _check(config, where)
     return config
 
 
-def config_from_dict(data: dict[str, Any], where: str = "<dict>") -> Config:
-    config = _build(Config, {**data, "path": where}, where=where)
-    _check(config)
-    return config
+def config_to_dict(config: Config) -> dict:
+    """The config as plain data, every default spelled out: what config_from_dict reads
+    back into an equal Config."""
+    data = dataclasses.asdict(config)
+    data.pop("path")
+    return data
+
+
+def config_yaml(config: Config) -> str:
+    """The effective config as the YAML a run directory keeps (config.yaml)."""
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False, allow_unicode=True)
+
+
+def section_digest(config: Config, keys: Sequence[str]) -> str:
+    """sha256 of the named parts of the config: top-level sections (`features`) or
+    dotted keys (`train.seed`)."""
+    return _digest(_pick(config_to_dict(config), keys))
+
+
+def key_digests(config: Config, keys: Sequence[str]) -> dict[str, str]:
+    """section_digest of each key alone."""
+    data = config_to_dict(config)
+    return {key: _digest(_pick(data, [key])) for key in keys}
+
+
+def _pick(data: dict, keys: Sequence[str]) -> dict:
+    picked = {}
+    for key in keys:
+        value: Any = data
+        for part in key.split("."):
+            value = value[part]
+        picked[key] = value
+    return picked
+
+
+def _digest(data: dict) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+# -- --set overrides -------------------------------------------------------------------
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """A copy of parsed YAML with each `dotted.key=value` set. Keys are checked against
+    the config's own structure, so a typo is refused by name rather than ignored;
+    values are read as YAML scalars or flow lists/mappings (`3`, `0.5`, `true`,
+    `[64, 32]`, `{kind: exit}`) and checked against the key's type."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(
+                f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. --set train.epochs=3"
+            )
+        try:
+            value = yaml.load(text, Loader=_Yaml12Loader) if text.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {key}: '{text}' is not a YAML value: {exc}") from None
+        _set(data, key, value)
+    return data
+
+
+def _set(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    tp: Any = Config
+    node = data
+    i = 0
+    while True:
+        part, so_far = parts[i], ".".join(parts[: i + 1])
+        tp = _unwrap_optional(tp)
+        if dataclasses.is_dataclass(tp):
+            names = [f.name for f in dataclasses.fields(tp) if f.name != "path"]
+            if part not in names:
+                parent = ".".join(parts[:i]) or "the top level"
+                raise ConfigError(
+                    f"--set {key}: unknown key '{so_far}'{_did_you_mean(part, names)}; "
+                    f"{parent} has {', '.join(names)}"
+                )
+            child_tp = _type_hints(tp)[part]
+        elif typing.get_origin(tp) is dict:
+            child_tp = typing.get_args(tp)[1]
+            inner = _unwrap_optional(child_tp)
+            if not (dataclasses.is_dataclass(inner) or typing.get_origin(inner) is dict):
+                # The rest is one key: Spark settings and SQL names hold dots themselves.
+                part, parts = ".".join(parts[i:]), [*parts[:i], ".".join(parts[i:])]
+            elif i + 1 < len(parts) and part not in node:
+                parent = ".".join(parts[:i])
+                raise ConfigError(
+                    f"--set {key}: {parent} has no '{part}' (it has "
+                    f"{', '.join(map(str, node)) or 'none'}); a new entry needs its whole "
+                    f"mapping: --set '{parent}.{part}={{...}}'"
+                )
+        if i + 1 == len(parts):
+            # The value's type is checked here, so the message names --set; ranges and
+            # cross-field rules are checked with the rest of the config.
+            _build(child_tp, value, where=f"--set {key}")
+            node[part] = value
+            return
+        inner = _unwrap_optional(child_tp)
+        if not (dataclasses.is_dataclass(inner) or typing.get_origin(inner) is dict):
+            kind = "list" if typing.get_origin(inner) is list else "single value"
+            raise ConfigError(
+                f"--set {key}: '{so_far}' is a {kind}, it has no key '{parts[i + 1]}'; set it "
+                f"whole: --set {so_far}=VALUE"
+            )
+        child = node.get(part)
+        shorthand = {ColumnConfig: "type", ImputeConfig: "strategy"}.get(inner)
+        if child is None:
+            child = {}
+        elif isinstance(child, str) and shorthand:
+            child = {shorthand: child}
+        elif not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: '{so_far}' is {child!r} in the file, not a mapping")
+        node[part] = child
+        node, tp, i = child, child_tp, i + 1
+
+
+@functools.cache
+def _type_hints(tp: type) -> dict[str, Any]:
+    # Resolving the annotations (strings here) is most of the cost of loading a config.
+    return typing.get_type_hints(tp)
+
+
+def _unwrap_optional(tp: Any) -> Any:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        return inner
+    return tp
+
+
+def _did_you_mean(word: str, choices: Sequence[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def _build(tp: Any, value: Any, where: str) -> Any:
-    """Turns parsed YAML into `tp`, naming the key path of the first value that does not fit."""
+    """Turns parsed YAML into `tp`, naming the key path of the first value that does not
+    fit. `where` is the origin and key so far: "FILE:" at the top, "FILE: train.epochs"."""
     origin = typing.get_origin(tp)
     if tp is ColumnConfig and isinstance(value, str):
         value = {"type": value}
@@ -371,30 +549,31 @@ def _build(tp: Any, value: Any, where: str) -> Any:
         value = {"strategy": value}
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        hints = typing.get_type_hints(tp)
+            raise ConfigError(f"{_at(where)}: expected a mapping, got {value!r}")
+        hints = _type_hints(tp)
         fields = {f.name: f for f in dataclasses.fields(tp)}
         unknown = sorted(set(value) - set(fields))
         if unknown:
+            hint = _did_you_mean(str(unknown[0]), list(fields)) if len(unknown) == 1 else ""
             raise ConfigError(
-                f"{where}: unknown key(s) {', '.join(map(str, unknown))}; "
-                f"expected some of {', '.join(fields)}"
+                f"{_at(where)}: unknown key(s) {', '.join(map(str, unknown))}{hint}; "
+                f"expected some of {', '.join(f for f in fields if f != 'path')}"
             )
         kwargs = {}
         for name, f in fields.items():
             if name in value:
-                kwargs[name] = _build(hints[name], value[name], f"{where}.{name}")
+                kwargs[name] = _build(hints[name], value[name], _child(where, name))
             elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ConfigError(f"{where}: missing required key '{name}'")
+                raise ConfigError(f"{_at(where)}: missing required key '{name}'")
         return tp(**kwargs)
     if origin is dict:
         key_tp, val_tp = typing.get_args(tp)
         if value is None:
             return {}
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{_at(where)}: expected a mapping, got {value!r}")
         return {
-            _build(key_tp, k, f"{where}"): _build(val_tp, v, f"{where}.{k}")
+            _build(key_tp, k, where): _build(val_tp, v, _child(where, str(k)))
             for k, v in value.items()
         }
     if origin is list:
@@ -402,8 +581,8 @@ def _build(tp: Any, value: Any, where: str) -> Any:
         if value is None:
             return []
         if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        return [_build(item_tp, v, f"{where}[{i}]") for i, v in enumerate(value)]
+            raise ConfigError(f"{_at(where)}: expected a list, got {value!r}")
+        return [_build(item_tp, v, f"{_at(where)}[{i}]") for i, v in enumerate(value)]
     if origin in (typing.Union, types.UnionType):
         # Only `X | None` is used: an optional value.
         (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -411,26 +590,35 @@ def _build(tp: Any, value: Any, where: str) -> Any:
     if tp is str:
         # YAML turns `NA`-like scalars and numbers into other types; config strings stay strings.
         if isinstance(value, (dict, list)) or value is None:
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
+            raise ConfigError(f"{_at(where)}: expected a string, got {value!r}")
         return str(value).lower() if isinstance(value, bool) else str(value)
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+            raise ConfigError(f"{_at(where)}: expected true or false, got {value!r}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            raise ConfigError(f"{_at(where)}: expected an integer, got {value!r}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
+            raise ConfigError(f"{_at(where)}: expected a number, got {value!r}")
         return float(value)
     raise TypeError(f"unsupported config type {tp}")
+
+
+def _at(where: str) -> str:
+    return where.removesuffix(":")
+
+
+def _child(where: str, name: str) -> str:
+    return f"{where} {name}" if where.endswith(":") else f"{where}.{name}"
 
 
 # Pipeline column names are plain identifiers, so that SQL expressions, Parquet and the
 # saved pipeline never need quoting; `raw_name` maps a file's other spelling onto one.
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
 def _identifier(where: str, name: str) -> None:
@@ -550,10 +738,23 @@ def _check_tracking(c: Config, w: str) -> None:
         )
 
 
-def _check(c: Config) -> None:
-    """Cross-field rules that types alone cannot express."""
-    w = c.path
+def _check(c: Config, where: str | None = None) -> None:
+    """Cross-field rules that types alone cannot express; `where` names the config's
+    origin in messages (default: its path)."""
+    w = c.path if where is None else where
+    if not RUN_NAME.fullmatch(c.name):
+        raise ConfigError(
+            f"{w}: name: '{c.name}' must be letters, digits, '.', '_' or '-' (it names the "
+            "Spark app and the default run directory runs/<name>-<time>)"
+        )
+    _one_of(f"{w}: spark.log_level", c.spark.log_level, SPARK_LOG_LEVELS)
     _check_tracking(c, w)
+    _positive(f"{w}: evaluate.compare_rows", c.evaluate.compare_rows)
+    if c.evaluate.spark_mlp_iterations < 0:
+        raise ConfigError(
+            f"{w}: evaluate.spark_mlp_iterations: must be >= 0 (0 leaves Spark's MLP out), "
+            f"got {c.evaluate.spark_mlp_iterations}"
+        )
     if c.main not in c.sources:
         raise ConfigError(
             f"{w}: main: '{c.main}' is not a source; sources are {', '.join(c.sources)}"
@@ -570,20 +771,30 @@ def _check(c: Config) -> None:
         if not src.columns:
             raise ConfigError(f"{where}.columns: list at least one column")
         if not 0 <= src.max_reject_share <= 1:
-            raise ConfigError(f"{where}.max_reject_share: must be in [0, 1]")
+            raise ConfigError(
+                f"{where}.max_reject_share: must be in [0, 1], got {src.max_reject_share}"
+            )
         for col, spec in src.columns.items():
             _identifier(f"{where}.columns", col)
             _one_of(f"{where}.columns.{col}", spec.type, COLUMN_TYPES)
             numeric = spec.type in NUMERIC_TYPES
             if spec.format and spec.type not in ("date", "timestamp"):
-                raise ConfigError(f"{where}.columns.{col}: format needs type date or timestamp")
+                raise ConfigError(
+                    f"{where}.columns.{col}: format needs type date or timestamp, not {spec.type}"
+                )
             if (spec.min is not None or spec.max is not None) and not numeric:
-                raise ConfigError(f"{where}.columns.{col}: min/max need a numeric type")
+                raise ConfigError(
+                    f"{where}.columns.{col}: min/max need a numeric type, not {spec.type}"
+                )
             if spec.values and spec.type != "string":
-                raise ConfigError(f"{where}.columns.{col}: values needs type string")
+                raise ConfigError(
+                    f"{where}.columns.{col}: values needs type string, not {spec.type}"
+                )
             for bound in (spec.min, spec.max):
                 if bound is not None and not math.isfinite(bound):
-                    raise ConfigError(f"{where}.columns.{col}: min/max must be finite numbers")
+                    raise ConfigError(
+                        f"{where}.columns.{col}: min/max must be finite numbers, got {bound}"
+                    )
             if spec.min is not None and spec.max is not None and spec.min > spec.max:
                 raise ConfigError(f"{where}.columns.{col}: min {spec.min} > max {spec.max}")
         for col in src.key:

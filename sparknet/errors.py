@@ -5,6 +5,8 @@ was expected) and pickle by message alone, so one raised in an executor reaches 
 driver intact.
 """
 
+import re
+
 
 def spark_error_summary(exc: BaseException, lines: int = 2) -> str:
     """The first meaningful lines of a Spark/py4j error: its error class and message,
@@ -21,6 +23,13 @@ def spark_error_summary(exc: BaseException, lines: int = 2) -> str:
         if len(kept) == lines:
             break
     return " ".join(kept) or type(exc).__name__
+
+
+def sparknet_error_in(exc: BaseException) -> str | None:
+    """The message of a SparknetError raised inside a Spark task, from the Python
+    traceback that Spark's error carries; None when it carries none."""
+    found = re.findall(r"sparknet\.errors\.(\w+Error): (.*)", str(exc))
+    return found[-1][1].strip() if found else None
 
 
 # Spark's ANSI mode (on by default since 4.0) fails the whole job on these, on one row.

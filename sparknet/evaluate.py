@@ -1,6 +1,7 @@
 """Evaluate: score the test split in Spark with the trained model and compare it with a
 baseline that ignores the features: the train split's majority class (classification)
-or its mean target (regression).
+or its mean target (regression); with `evaluate.compare`, also with simpler models on
+the same features (sparknet/compare.py). Ends by writing report.html (sparknet/report.py).
 
 Scoring runs in executors (mapInPandas, one model load per Arrow batch stream); only
 (label, prediction) pairs come back to the driver, where scikit-learn computes exact
@@ -10,26 +11,27 @@ metrics.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 
 import numpy as np
 import pandas as pd
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
-from sklearn.metrics import (
-    accuracy_score,
-    confusion_matrix,
-    log_loss,
-    mean_absolute_error,
-    precision_recall_fscore_support,
-    r2_score,
-    roc_auc_score,
-    root_mean_squared_error,
-)
+from sklearn.metrics import confusion_matrix
 
+from sparknet.compare import (
+    EPS,
+    binary_scores,
+    compare,
+    comparison_text,
+    multiclass_scores,
+    regression_scores,
+)
 from sparknet.config import Config
 from sparknet.errors import RunDirError
-from sparknet.run_dir import RunDir, write_json
+from sparknet.report import write_report
+from sparknet.run_dir import RunDir, read_json, spark_path, write_json
 from sparknet.shard import LABEL, SAMPLE_ID
 from sparknet.train.model import ModelSpec, load_model_files
 
@@ -76,23 +78,62 @@ def score(df: DataFrame, spec: ModelSpec, state: bytes) -> DataFrame:
     return df.select(SAMPLE_ID, LABEL, *columns).mapInPandas(predict_batches, schema)
 
 
+CALIBRATION_BINS = 10
+
+
+def calibration(confidence: np.ndarray, correct: np.ndarray, bins: int = CALIBRATION_BINS) -> dict:
+    """Reliability bins: `confidence` (n,) in [0, 1] cut into equal-width bins; per
+    non-empty bin its rows, mean confidence and the share `correct` (n,) 0/1 there.
+    The expected calibration error is their gap weighted by rows."""
+    index = np.minimum((confidence * bins).astype(np.int64), bins - 1)
+    table = []
+    gap = 0.0
+    for b in range(bins):
+        inside = index == b
+        rows = int(inside.sum())
+        if rows == 0:
+            continue
+        mean_confidence = float(confidence[inside].mean())
+        observed = float(correct[inside].mean())
+        gap += rows * abs(mean_confidence - observed)
+        table.append(
+            {
+                "low": b / bins,
+                "high": (b + 1) / bins,
+                "rows": rows,
+                "mean_predicted": mean_confidence,
+                "observed": observed,
+            }
+        )
+    return {"bins": table, "expected_calibration_error": gap / max(len(confidence), 1)}
+
+
+def confusion(classes: list[str], y: np.ndarray, predicted: np.ndarray) -> dict:
+    return {
+        "classes": list(classes),
+        "rows": "true class",
+        "columns": "predicted class",
+        "counts": confusion_matrix(y, predicted, labels=list(range(len(classes)))).tolist(),
+    }
+
+
 def binary_metrics(y: np.ndarray, p: np.ndarray, train_positive_share: float) -> dict:
-    p = np.clip(p, 1e-7, 1 - 1e-7)
+    y = y.astype(np.int64)
     majority = 1.0 if train_positive_share >= 0.5 else 0.0
-    constant = np.full_like(p, np.clip(train_positive_share, 1e-7, 1 - 1e-7))
+    model = binary_scores(y, p)
+    model["confusion_matrix"] = confusion(["0", "1"], y, (p >= 0.5).astype(np.int64))
+    model["calibration"] = {
+        "of": "positive-class probability vs observed positive share",
+        **calibration(p, y),
+    }
     return {
         "rows": int(len(y)),
         "positive_share": float(y.mean()),
-        "model": {
-            "accuracy": float(accuracy_score(y, p >= 0.5)),
-            "roc_auc": float(roc_auc_score(y, p)),
-            "log_loss": float(log_loss(y, p, labels=[0, 1])),
-        },
+        "model": model,
         "majority_baseline": {
             "predicts": majority,
-            "accuracy": float(np.mean(y == majority)),
-            "roc_auc": 0.5,
-            "log_loss": float(log_loss(y, constant, labels=[0, 1])),
+            "chosen_on": "train split positive share",
+            **binary_scores(y, constant_output("binary", train_positive_share, len(y))),
         },
     }
 
@@ -103,49 +144,24 @@ def multiclass_metrics(
     """y (n,) class indices, p (n, C) class probabilities, train_counts (C,) rows per
     class in the train split, which picks the baseline's class and its constant
     probabilities."""
-    n_classes = len(classes)
-    labels = list(range(n_classes))
     y = y.astype(np.int64)
-    test_counts = np.bincount(y, minlength=n_classes)
+    test_counts = np.bincount(y, minlength=len(classes))
+    absent = [classes[i] for i in range(len(classes)) if test_counts[i] == 0]
 
-    def classification(predicted: np.ndarray, probabilities: np.ndarray) -> dict:
-        precision, recall, f1, _ = precision_recall_fscore_support(
-            y, predicted, labels=labels, average="macro", zero_division=0
-        )
-        return {
-            "accuracy": float(accuracy_score(y, predicted)),
-            "macro_precision": float(precision),
-            "macro_recall": float(recall),
-            "macro_f1": float(f1),
-            "log_loss": float(log_loss(y, probabilities, labels=labels)),
-        }
-
-    model = classification(p.argmax(axis=1), p)
-    absent = [classes[i] for i in labels if test_counts[i] == 0]
+    model = multiclass_scores(y, p)
     if absent:
         # One-vs-rest AUC has no negatives-vs-positives split for a class with no rows.
-        model["roc_auc"] = None
         model["roc_auc_note"] = f"not computed: classes {absent} have no rows in the test split"
-    else:
-        model["roc_auc"] = float(
-            roc_auc_score(y, p, multi_class="ovr", average="macro", labels=labels)
-        )
-    model["confusion_matrix"] = {
-        "classes": list(classes),
-        "rows": "true class",
-        "columns": "predicted class",
-        "counts": confusion_matrix(y, p.argmax(axis=1), labels=labels).tolist(),
+    predicted = p.argmax(axis=1)
+    model["confusion_matrix"] = confusion(classes, y, predicted)
+    model["calibration"] = {
+        "of": "top-class probability vs observed accuracy",
+        **calibration(p.max(axis=1), (predicted == y).astype(np.float64)),
     }
-
-    majority = int(np.argmax(train_counts))
-    # The train split's class shares, kept off 0 so an unseen class costs a finite loss.
-    prior = np.clip(train_counts / train_counts.sum(), 1e-7, None)
-    prior = prior / prior.sum()
     baseline = {
-        "predicts": classes[majority],
+        "predicts": classes[int(np.argmax(train_counts))],
         "chosen_on": "train split label distribution",
-        **classification(np.full_like(y, majority), np.tile(prior, (len(y), 1))),
-        "roc_auc": None if absent else 0.5,  # constant scores rank nothing
+        **multiclass_scores(y, constant_output("multiclass", train_counts, len(y))),
     }
     return {
         "rows": int(len(y)),
@@ -158,28 +174,31 @@ def multiclass_metrics(
 
 def regression_metrics(y: np.ndarray, predicted: np.ndarray, train_mean: float) -> dict:
     """y and predicted (n,) in the target's original unit."""
-
-    def errors(values: np.ndarray) -> dict:
-        return {
-            "rmse": float(root_mean_squared_error(y, values)),
-            "mae": float(mean_absolute_error(y, values)),
-            "r2": float(r2_score(y, values)),
-        }
-
     return {
         "rows": int(len(y)),
         "target_mean": float(y.mean()),
         "target_std": float(y.std()),
-        "model": errors(predicted),
+        "model": regression_scores(y, predicted),
         "mean_baseline": {
             "predicts": float(train_mean),
             "chosen_on": "train split mean",
-            **errors(np.full_like(y, train_mean)),
+            **regression_scores(y, constant_output("regression", train_mean, len(y))),
         },
     }
 
 
+def constant_output(task: str, train_summary, n: int) -> np.ndarray:
+    """The baseline's output for n rows from the train split's label: its positive
+    share (binary), its class counts (multiclass: the class shares, kept off 0 so an
+    unseen class costs a finite loss) or its mean (regression)."""
+    if task == "multiclass":
+        prior = np.clip(train_summary / train_summary.sum(), EPS, None)
+        return np.tile(prior / prior.sum(), (n, 1))
+    return np.full(n, float(train_summary))
+
+
 def evaluate(spark: SparkSession, config: Config, run_dir: RunDir) -> dict:
+    started = time.perf_counter()
     run_dir.require(run_dir.model / "model.pt", "train")
     run_dir.require(run_dir.train_report, "train")  # written last: training finished
     spec, state = load_model_files(run_dir.model)
@@ -189,34 +208,69 @@ def evaluate(spark: SparkSession, config: Config, run_dir: RunDir) -> dict:
             f"has label.task={config.label.task} (classes {config.label.classes}); rerun the "
             "'train' stage with this config"
         )
-    test = spark.read.parquet(str(run_dir.require(run_dir.shard("test"), "shard")))
-    train = spark.read.parquet(str(run_dir.shard("train")))
+    test = spark.read.parquet(spark_path(run_dir.require(run_dir.shard("test"), "shard")))
+    train = spark.read.parquet(spark_path(run_dir.shard("train")))
     name, _ = output_column(spec)
-    scored = score(test, spec, state).select(LABEL, name).toPandas()
+    # In sample_id order, which every other model's test output follows too.
+    scored = score(test, spec, state).select(SAMPLE_ID, LABEL, name).toPandas()
+    scored = scored.sort_values(SAMPLE_ID)
     y = scored[LABEL].to_numpy(np.float64)
 
     if spec.task == "multiclass":
         counts = dict(train.groupBy(LABEL).count().collect())
-        train_counts = np.array([counts.get(float(i), 0) for i in range(len(spec.classes))])
+        train_summary = np.array([counts.get(float(i), 0) for i in range(len(spec.classes))])
         # (n, C): the Arrow arrays come back as one numpy array per row.
-        p = np.stack(scored[name].to_numpy())
-        metrics = multiclass_metrics(y, p, spec.classes, train_counts)
+        out = np.stack(scored[name].to_numpy())
+        metrics = multiclass_metrics(y, out, spec.classes, train_summary)
     else:
-        train_mean = float(train.agg(F.avg(LABEL)).first()[0])
+        train_summary = float(train.agg(F.avg(LABEL)).first()[0])
+        out = scored[name].to_numpy(np.float64)
         if spec.task == "regression":
-            metrics = regression_metrics(y, scored[name].to_numpy(np.float64), train_mean)
+            metrics = regression_metrics(y, out, train_summary)
         else:
-            metrics = binary_metrics(y, scored[name].to_numpy(), train_mean)
+            metrics = binary_metrics(y, out, train_summary)
     metrics["split"] = "test"
     metrics["label"] = config.label.name
     metrics["task"] = spec.task
-    write_json(run_dir.metrics, metrics)
     log.info("test metrics (%d rows):\n%s", metrics["rows"], metrics_table(metrics))
+
+    if config.evaluate.compare:
+        train_report = read_json(run_dir.train_report)
+        baseline = "mean_baseline" if spec.task == "regression" else "majority_baseline"
+        metrics["comparison"] = compare(
+            config,
+            spec,
+            train,
+            test,
+            y,
+            network={
+                "name": f"sparknet MLP {spec.hidden} (DDP, {len(train_report['epochs'])} epochs)",
+                "fit_rows": train_report["train_rows"],
+                "fit_seconds": train_report["seconds"],
+                "output": out,
+            },
+            baseline={
+                "name": baseline.replace("_", " "),
+                "fit_rows": train_report["train_rows"],
+                "fit_seconds": 0.0,
+                "output": constant_output(spec.task, train_summary, len(y)),
+            },
+            components=read_json(run_dir.pca)["k"],
+        )
+        log.info(
+            "comparison on the test split (%d rows; the comparison models fit on %s):\n%s",
+            len(y),
+            metrics["comparison"]["sample"],
+            comparison_text(spec.task, metrics["comparison"]),
+        )
+    write_json(run_dir.metrics, metrics)
+    write_report(run_dir, config, metrics, y, out, time.perf_counter() - started)
+    log.info("report: %s", run_dir.committed(run_dir.report))
     return metrics
 
 
 TABLE_COLUMNS = {
-    "binary": ("accuracy", "roc_auc", "log_loss"),
+    "binary": ("accuracy", "f1", "roc_auc", "pr_auc", "log_loss"),
     "multiclass": ("accuracy", "macro_f1", "roc_auc", "log_loss"),
     "regression": ("rmse", "mae", "r2"),
 }

@@ -46,8 +46,8 @@ from sparknet.feature_rules import (
     uninformative,
 )
 from sparknet.pca import PcaFit, fit_pca, projection_stage, write_scree_plot
-from sparknet.quality import features_quality, log_features_quality, update_quality
-from sparknet.run_dir import RunDir, read_json, write_json
+from sparknet.quality import features_quality, log_features_quality
+from sparknet.run_dir import RunDir, read_json, spark_path, write_json
 from sparknet.target_encoding import encoding_stage, fit_target_encoding, prior_counts
 
 log = logging.getLogger(__name__)
@@ -172,16 +172,23 @@ def prepared_table(spark: SparkSession, config: Config, run_dir: RunDir) -> Data
             f"{run_dir.quality} does not record a finished clean stage: rerun clean "
             f"(jobs/clean.py --config CONFIG --run-dir {run_dir.root})"
         )
-    clean = spark.read.parquet(str(run_dir.require(run_dir.clean, "clean")))
+    clean = spark.read.parquet(spark_path(run_dir.require(run_dir.clean, "clean")))
     df = with_derived(clean, config).withColumn(SPLIT, split_column(config.split))
+    selected = pipeline_inputs(config)
+    selected[config.label.name] = F.col(config.label.name).cast("double")
+    selected[SPLIT] = F.col(SPLIT)
+    return df.select(*[col.alias(name) for name, col in selected.items()])
+
+
+def pipeline_inputs(config: Config) -> dict[str, Column]:
+    """The columns the feature pipeline reads, typed as it was fitted on them; scoring
+    (sparknet/predict.py) builds its input with this too, so both sides cast alike."""
     # A column may be both a key and a feature (flights: month); select it once.
     selected = {c: F.col(c) for c in config.split.key}
     selected.update({c: F.col(c).cast("double") for c in config.features.numeric})
     selected.update({c: F.col(c).cast("string") for c in config.features.categorical})
     selected.update({c: F.col(c).cast("string") for c in config.features.target_encoded})
-    selected[config.label.name] = F.col(config.label.name).cast("double")
-    selected[SPLIT] = F.col(SPLIT)
-    return df.select(*[col.alias(name) for name, col in selected.items()])
+    return selected
 
 
 def fit_and_project(spark: SparkSession, config: Config, run_dir: RunDir) -> dict:
@@ -252,14 +259,14 @@ def fit_and_project(spark: SparkSession, config: Config, run_dir: RunDir) -> dic
     tail = output_stages(fit, encoded, through_pca)
     head = [encoding_stage(encodings)] if encodings else []
     model = PipelineModel(stages=[*head, *prep.stages, *tail])
-    model.write().overwrite().save(str(run_dir.feature_pipeline))
+    model.write().overwrite().save(spark_path(run_dir.feature_pipeline))
 
     kept_cols = [*config.split.key, config.label.name, SPLIT, FEATURES]
     projected_train = PipelineModel(stages=[*prep.stages, *tail]).transform(train)
     projected = projected_train.select(*kept_cols).unionByName(
         model.transform(df.filter(F.col(SPLIT) != "train")).select(*kept_cols)
     )
-    projected.write.mode("overwrite").partitionBy(SPLIT).parquet(str(run_dir.features))
+    projected.write.mode("overwrite").partitionBy(SPLIT).parquet(spark_path(run_dir.features))
     split_counts = {r[SPLIT]: r["count"] for r in df.groupBy(SPLIT).count().collect()}
     applied = applied_counts(df, rules)
     applied.update(prior_counts(df.filter(F.col(SPLIT) != "train"), encodings))
@@ -269,7 +276,7 @@ def fit_and_project(spark: SparkSession, config: Config, run_dir: RunDir) -> dic
         config, rules, encodings, dropped, train_stats, applied, n_train
     )
     log_features_quality(feature_quality)
-    update_quality(run_dir, "features", feature_quality)
+    write_json(run_dir.feature_quality, feature_quality)
 
     write_scree_plot(run_dir.pca_scree, fit)
     report = {

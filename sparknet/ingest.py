@@ -73,5 +73,7 @@ def ingest(config: Config, run_dir: RunDir) -> dict[str, int]:
             shutil.copyfile(source, tmp)
         tmp.replace(target)
         written[target_name] = target.stat().st_size
-        log.info("%s -> %s (%.1f MB)", source, target, written[target_name] / 1e6)
+        log.info(
+            "%s -> %s (%.1f MB)", source, run_dir.committed(target), written[target_name] / 1e6
+        )
     return written

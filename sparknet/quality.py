@@ -14,7 +14,6 @@ from pyspark.sql import functions as F
 
 from sparknet.config import NUMERIC_TYPES, Config
 from sparknet.feature_rules import ColumnRule
-from sparknet.run_dir import RunDir, read_json, write_json
 from sparknet.target_encoding import ColumnEncoding
 
 log = logging.getLogger(__name__)
@@ -109,12 +108,6 @@ def features_quality(
         "dropped": dropped,
         "derived": dict(config.features.derived),
     }
-
-
-def update_quality(run_dir: RunDir, section: str, data: dict) -> None:
-    quality = read_json(run_dir.quality) if run_dir.quality.exists() else {}
-    quality[section] = data
-    write_json(run_dir.quality, quality)
 
 
 def format_table(headers: list[str], rows: list[list[Any]]) -> str:

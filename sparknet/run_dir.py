@@ -5,9 +5,10 @@ run alone given the folder the previous stages wrote.
       raw/                 ingest: the raw files, as shipped
       clean/               clean: the cleaned, joined rows (Parquet)
       rejects/             clean: every refused row with source, file, raw record, reason
-      quality.json         clean: row reconciliation, rejects by reason
+      quality.json         clean: row reconciliation, rejects by reason, column profile
       features/            features: rows with split and PCA vector (Parquet)
       feature_pipeline/    features: the fitted Spark ML PipelineModel
+      feature_quality.json features: per feature its fill, clip, encoding and rows filled
       pca.json             features: k and explained variance
       pca_scree.png        features: scree plot (per-component and cumulative variance, k)
       shards/{train,validation,test}/   shard: Petastorm-readable Parquet
@@ -18,15 +19,24 @@ run alone given the folder the previous stages wrote.
       train/mlflow.json    train: the MLflow run it was logged to (only with tracking on)
       model/               train: model.pt (state_dict) + model.json (architecture)
       train.json           train: per-epoch history, per-rank sample accounting
-      checkpoints/         train: the latest checkpoints, resumed by a relaunch
-      metrics.json         evaluate: test metrics and baselines
+      checkpoints/         train: the latest checkpoints, resumed by a relaunch or a rerun
+      metrics.json         evaluate: test metrics, calibration, the comparison table
+      report.html          evaluate: the run on one self-contained page (images inline)
+      artifact/            export: everything scoring needs (see sparknet/export.py)
+      config.yaml          the command line: the effective config of its latest run
+      timings.json         the command line: seconds per stage, from each stage's last run
+      _status/<stage>.json the command line: written last when a stage commits
+      _staging/<stage>/    the command line: where a running stage writes its outputs
+
+Run through the command line (sparknet/status.py), a stage writes its outputs under
+_staging/<stage>/ (a RunDir `staged` for it maps them there and everything else to the
+committed files) and they are renamed into place only when it succeeds.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,63 +44,122 @@ from typing import Any
 from sparknet.errors import RunDirError
 
 SPLITS = ("train", "validation", "test")
+STATUS_DIR = "_status"
+STAGING_DIR = "_staging"
+
+# What each stage writes, relative to the run directory. ingest's raw/ is merged file
+# by file: users may place raw files there themselves.
+OUTPUTS: dict[str, tuple[str, ...]] = {
+    "ingest": ("raw",),
+    "clean": ("clean", "rejects", "quality.json"),
+    "features": (
+        "features",
+        "feature_pipeline",
+        "feature_quality.json",
+        "pca.json",
+        "pca_scree.png",
+    ),
+    "shard": ("shards", "shards.json"),
+    "train": ("train", "model", "train.json"),
+    "evaluate": ("metrics.json", "report.html"),
+    "export": ("artifact",),
+}
+
+
+def spark_path(path: str | os.PathLike) -> str:
+    """A local path as Spark is given it: with its scheme. Spark resolves a bare path on
+    its default filesystem, which on a YARN cluster is HDFS, while sparknet's own file
+    calls (JSON reports, shard footers, the model) use the local, shared mount."""
+    text = str(path)
+    return text if "://" in text else "file://" + os.path.abspath(text)
 
 
 @dataclass(frozen=True)
 class RunDir:
     root: Path
+    # Set while a stage runs through the command line: that stage's outputs resolve
+    # under _staging/<stage>/, every other path to the committed files.
+    stage: str | None = None
 
     @classmethod
-    def at(cls, path: str | os.PathLike) -> "RunDir":
+    def at(cls, path: str | os.PathLike) -> RunDir:
         return cls(Path(path).resolve())
+
+    def staged(self, stage: str) -> RunDir:
+        return RunDir(self.root, stage)
+
+    def staging(self, stage: str) -> Path:
+        return self.root / STAGING_DIR / stage
+
+    def status(self, stage: str) -> Path:
+        return self.root / STATUS_DIR / f"{stage}.json"
+
+    def _out(self, name: str) -> Path:
+        if self.stage is not None and name in OUTPUTS[self.stage]:
+            return self.staging(self.stage) / name
+        return self.root / name
+
+    def committed(self, path: Path) -> Path:
+        """Where `path`, possibly under this stage's staging folder, lands once the stage
+        commits: for records and messages that outlive the run."""
+        if self.stage is None:
+            return path
+        try:
+            return self.root / path.relative_to(self.staging(self.stage))
+        except ValueError:
+            return path
 
     @property
     def raw(self) -> Path:
-        return self.root / "raw"
+        return self._out("raw")
 
     @property
     def clean(self) -> Path:
-        return self.root / "clean"
+        return self._out("clean")
 
     @property
     def rejects(self) -> Path:
-        return self.root / "rejects"
+        return self._out("rejects")
 
     @property
     def quality(self) -> Path:
-        return self.root / "quality.json"
+        return self._out("quality.json")
 
     @property
     def features(self) -> Path:
-        return self.root / "features"
+        return self._out("features")
 
     @property
     def feature_pipeline(self) -> Path:
-        return self.root / "feature_pipeline"
+        return self._out("feature_pipeline")
+
+    @property
+    def feature_quality(self) -> Path:
+        return self._out("feature_quality.json")
 
     @property
     def pca(self) -> Path:
-        return self.root / "pca.json"
+        return self._out("pca.json")
 
     @property
     def pca_scree(self) -> Path:
-        return self.root / "pca_scree.png"
+        return self._out("pca_scree.png")
 
     @property
     def shards(self) -> Path:
-        return self.root / "shards"
+        return self._out("shards")
 
     def shard(self, split: str) -> Path:
         return self.shards / split
 
     @property
     def shards_manifest(self) -> Path:
-        return self.root / "shards.json"
+        return self._out("shards.json")
 
     @property
     def train_dir(self) -> Path:
         """What training keeps besides the model and its report."""
-        return self.root / "train"
+        return self._out("train")
 
     @property
     def shard_plan(self) -> Path:
@@ -104,43 +173,46 @@ class RunDir:
 
     @property
     def model(self) -> Path:
-        return self.root / "model"
+        return self._out("model")
 
     @property
     def train_report(self) -> Path:
-        return self.root / "train.json"
+        return self._out("train.json")
 
     @property
     def metrics(self) -> Path:
-        return self.root / "metrics.json"
+        return self._out("metrics.json")
+
+    @property
+    def report(self) -> Path:
+        return self._out("report.html")
+
+    @property
+    def artifact(self) -> Path:
+        return self._out("artifact")
+
+    @property
+    def config(self) -> Path:
+        """The effective config (the file plus --set overrides) of the latest command."""
+        return self.root / "config.yaml"
+
+    @property
+    def timings(self) -> Path:
+        """Not a stage's output: every stage run through the command line adds its own."""
+        return self.root / "timings.json"
+
+    def record_timing(self, stage: str, seconds: float, order: list[str]) -> None:
+        """Keeps `stage`'s seconds and forgets those of the stages after it, whose
+        outputs its new ones invalidate."""
+        timings = read_json(self.timings) if self.timings.exists() else {}
+        later = set(order[order.index(stage) :])
+        timings = {name: s for name, s in timings.items() if name not in later}
+        timings[stage] = round(seconds, 2)
+        write_json(self.timings, {name: timings[name] for name in order if name in timings})
 
     def outputs(self, stage: str) -> list[Path]:
-        """What `stage` writes (ingest's raw/ is left out: users may place raw files there
-        themselves)."""
-        return {
-            "ingest": [],
-            "clean": [self.clean, self.rejects, self.quality],
-            "features": [self.features, self.feature_pipeline, self.pca, self.pca_scree],
-            "shard": [self.shards, self.shards_manifest],
-            "train": [self.train_dir, self.model, self.train_report],
-            "evaluate": [self.metrics],
-        }[stage]
-
-    def clear_from(self, stage: str, order: list[str]) -> list[Path]:
-        """Removes the outputs of `stage` and of every stage after it in `order`, so that
-        a stage that fails or is killed half way can never leave earlier results for the
-        next stage to read as its own. Returns what was removed."""
-        removed = []
-        for later in order[order.index(stage) :]:
-            for path in self.outputs(later):
-                if path.is_dir():
-                    shutil.rmtree(path)
-                elif path.exists():
-                    path.unlink()
-                else:
-                    continue
-                removed.append(path)
-        return removed
+        """What `stage` writes, where this view puts it."""
+        return [self._out(name) for name in OUTPUTS[stage]]
 
     def require(self, path: Path, stage: str) -> Path:
         """Fails with the stage to run first when an input is missing."""

@@ -63,7 +63,7 @@ def spark_session(config: Config, master: str | None = None) -> SparkSession:
         # blocked in another JVM call, and py4j fails with a "reentrant call" error that
         # hides the interrupt. Raise it plainly; spark.stop() then cancels the jobs.
         signal.signal(signal.SIGINT, signal.default_int_handler)
-    spark.sparkContext.setLogLevel("WARN")
+    spark.sparkContext.setLogLevel(config.spark.log_level)
     # A failed task is reported once, by sparknet, as its error class and message; Spark
     # would also log the task's whole JVM stack twice (executor and scheduler).
     jvm = spark.sparkContext._jvm

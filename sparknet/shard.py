@@ -28,7 +28,7 @@ from pyspark.sql import functions as F
 from sparknet.config import Config
 from sparknet.errors import DataError
 from sparknet.features import FEATURES, SPLIT
-from sparknet.run_dir import SPLITS, RunDir, write_json
+from sparknet.run_dir import SPLITS, RunDir, spark_path, write_json
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def write_split(
         .write.mode("overwrite")
         .option("parquet.block.size", ROW_GROUP_BYTES)
         .option("compression", "snappy")
-        .parquet(str(out))
+        .parquet(spark_path(out))
     )
     ided.unpersist()
     return describe_split(out, n)
@@ -130,7 +130,7 @@ def describe_split(out: Path, expected_rows: int) -> dict:
 
 def shard(spark: SparkSession, config: Config, run_dir: RunDir) -> dict:
     run_dir.require(run_dir.pca, "features")  # written last: the features stage finished
-    features = spark.read.parquet(str(run_dir.require(run_dir.features, "features")))
+    features = spark.read.parquet(spark_path(run_dir.require(run_dir.features, "features")))
     k = len(features.select(FEATURES).first()[FEATURES])
     label = F.col(config.label.name).alias(LABEL)
     manifest = {
@@ -152,6 +152,8 @@ def shard(spark: SparkSession, config: Config, run_dir: RunDir) -> dict:
             config.split.key,
             config.split.seed,
         )
+        # Where the split stays, not where a staged run writes it.
+        info["path"] = str(run_dir.committed(run_dir.shard(split)))
         manifest["splits"][split] = info
         log.info(
             "%s: %d rows in %d row groups (%d-%d rows each)",

@@ -6,8 +6,8 @@ After the train stage a new MLflow run (in experiment `tracking.experiment`) get
   and what the stages derived from it (`derived.pca_k`, `derived.shard_plan_digest`, ...);
 - metrics per epoch (MLflow step = epoch): losses, validation metrics, learning rate,
   samples/s, data wait; and each rank's throughput from train/metrics.jsonl;
-- artifacts: quality.json, pca.json, pca_scree.png, train.json, train/ (plan, history,
-  curves) and the model folder under `model/`.
+- artifacts: quality.json, feature_quality.json, pca.json, pca_scree.png, train.json,
+  train/ (plan, history, curves) and the model folder under `model/`.
 The run id is kept in train/mlflow.json, so that the evaluate stage, in the same job or
 in a later one (Airflow runs stages as separate tasks), adds the test metrics
 (`test_roc_auc`, `test_baseline_roc_auc`, ...) and metrics.json to the same run.
@@ -134,7 +134,13 @@ def log_training(client, config: Config, run_dir: RunDir, uri: str) -> str:
     for i in range(0, len(metrics), METRICS_PER_BATCH):
         client.log_batch(run_id, metrics=metrics[i : i + METRICS_PER_BATCH])
 
-    for path in (run_dir.quality, run_dir.pca, run_dir.pca_scree, run_dir.train_report):
+    for path in (
+        run_dir.quality,
+        run_dir.feature_quality,
+        run_dir.pca,
+        run_dir.pca_scree,
+        run_dir.train_report,
+    ):
         if path.exists():
             client.log_artifact(run_id, str(path))
     for folder, name in ((run_dir.train_dir, "train"), (run_dir.model, "model")):

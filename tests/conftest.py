@@ -8,13 +8,16 @@ import copy
 import csv
 import io
 import os
+import re
 import shutil
+import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 # Before any Spark starts: loopback only, and executors run this interpreter.
 os.environ["SPARK_LOCAL_IP"] = "127.0.0.1"
@@ -23,6 +26,7 @@ os.environ["PYSPARK_DRIVER_PYTHON"] = sys.executable
 
 from sparknet.config import config_from_dict, read_yaml  # noqa: E402
 from sparknet.ingest import package_files  # noqa: E402
+from sparknet.run_dir import RunDir  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 FLIGHTS_YAML = REPO / "conf" / "flights.yaml"
@@ -140,6 +144,22 @@ def mark_clean_finished(clean_path) -> None:
     quality.write_text('{"reconciled": true}\n')
 
 
+def mark_committed(run_dir: RunDir, config, stages=("clean", "features", "shard")) -> None:
+    """Status files for stage outputs a test made by hand, as the stages would have
+    committed them for `config`, so that a job run on them accepts them as its inputs
+    (a job refuses inputs without a current status)."""
+    from sparknet import status
+    from sparknet.run_dir import OUTPUTS, write_json
+    from sparknet.stages import STAGES
+
+    for name in stages:
+        stage = STAGES[name]
+        inputs = status.current_inputs(stage, config, run_dir)
+        made = [out for out in OUTPUTS[name] if (run_dir.root / out).exists()]
+        record = status.record(stage, config, inputs, status.now_utc(), 0.0, None, False)
+        write_json(run_dir.status(name), {**record, "outputs": made})
+
+
 def small_training_config(label=None, workers=2, epochs=4, **train_overrides):
     """The synthetic config with a small, fast network, for tests that really train."""
     return synthetic_config(
@@ -202,3 +222,72 @@ def epoch_record(epoch: int, samples: int = 1000, seconds: float = 2.0) -> dict:
         "data_wait_seconds": 0.05 * seconds,
         "best_epoch": epoch,
     }
+
+
+# A line of sparknet's log (sparknet/logs.py): time, level, stage, rank, logger, message.
+LOG_LINE = re.compile(
+    r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z) (DEBUG|INFO|WARNING|ERROR|CRITICAL) "
+    r"\[stage=(\S+) rank=(\S+)\] (sparknet[\w.]*): (.*)$"
+)
+
+
+def sparknet_lines(log: str) -> list[str]:
+    return [line for line in log.splitlines() if LOG_LINE.match(line)]
+
+
+def run_job(args, cwd=REPO, timeout=900):
+    env = {**os.environ, "SPARK_LOCAL_IP": "127.0.0.1", "PYSPARK_PYTHON": sys.executable}
+    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return done.returncode, done.stdout + done.stderr
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(tmp_path_factory, flights_sample):
+    """The whole pipeline run once per session on the flights sample, as a user runs
+    it: (run dir, sampled flights, the job's log, the config's path)."""
+    raw, n_rows = flights_sample
+    data = small_training(flights_config_dict(), epochs=4)
+    data["ingest"] = {}
+    data["evaluate"] = {"compare": True}
+    root = tmp_path_factory.mktemp("e2e")
+    config_path = root / "flights-sample.yaml"
+    config_path.write_text(yaml.safe_dump(data, sort_keys=False))
+    run_dir = RunDir.at(root / "run")
+    (run_dir.root).mkdir()
+    os.symlink(raw, run_dir.raw)
+    code, log = run_job(
+        [
+            sys.executable,
+            "jobs/pipeline.py",
+            "--config",
+            str(config_path),
+            "--run-dir",
+            str(run_dir.root),
+        ]
+    )
+    assert code == 0, log[-5000:]
+    return run_dir, n_rows, log, config_path
+
+
+def evaluated_by_key(spark, run_dir, config):
+    """What the evaluate stage computes for each test row (pandas), keyed by the split
+    key: evaluate.score over the test shard, with each sample id traced back to its row
+    through the shard stage's own ordering."""
+    from pyspark.sql import functions as F
+
+    from sparknet.evaluate import score
+    from sparknet.features import SPLIT
+    from sparknet.shard import SAMPLE_ID, with_dense_ids
+    from sparknet.train.model import load_model_files
+
+    key = list(config.split.key)
+    spec, state = load_model_files(run_dir.model)
+    test_shard = spark.read.parquet(str(run_dir.shard("test")))
+    by_id = score(test_shard, spec, state).toPandas()
+
+    features = spark.read.parquet(str(run_dir.features)).filter(F.col(SPLIT) == "test")
+    shuffle_key = F.xxhash64(F.lit(config.split.seed), *[F.col(c) for c in key])
+    ids = with_dense_ids(features.select(*key), [shuffle_key, *[F.col(c) for c in key]])
+    out = ids.select(SAMPLE_ID, *key).toPandas().merge(by_id, on=SAMPLE_ID, validate="1:1")
+    assert len(out) == len(by_id) == test_shard.count()
+    return out

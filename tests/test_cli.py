@@ -9,7 +9,7 @@ import time
 import yaml
 from test_clean import trips_config, write_raw
 
-from conftest import REPO
+from conftest import REPO, sparknet_lines
 from sparknet.run_dir import RunDir
 
 
@@ -37,7 +37,7 @@ def test_spark_runtime_failure_is_summarised(tmp_path):
     code, log = run_job("jobs/features.py", "--config", str(config), "--run-dir", str(run_dir.root))
     assert code == 1
     # Spark's own executor log keeps its JVM stack; sparknet's last word is one line.
-    last = [line for line in log.splitlines() if "sparknet[" in line][-1]
+    last = sparknet_lines(log)[-1]
     assert "Spark failed: [DATETIME_FIELD_OUT_OF_BOUNDS]" in last
     assert "Traceback (most recent call last)" not in log
 
@@ -73,12 +73,14 @@ def test_ctrl_c_ends_the_job_with_one_line_and_exit_130(tmp_path, flights_sample
     lines = []
     for line in job.stdout:  # wait until Spark runs, then interrupt mid-stage
         lines.append(line)
-        if "sparknet[-] stack:" in line:
+        if "[stage=clean rank=-] sparknet.session: spark " in line:
             time.sleep(2)
             job.send_signal(signal.SIGINT)
             break
     lines.extend(job.stdout)
     assert job.wait(timeout=120) == 130, "".join(lines)[-3000:]
     log = "".join(lines)
-    assert "interrupted" in [line for line in lines if "sparknet[" in line][-1]
+    assert "interrupted" in sparknet_lines(log)[-1]
+    # Interrupted, the stage committed nothing: no status for a later stage to trust.
+    assert not run_dir.status("clean").exists()
     assert "Traceback (most recent call last)" not in log

@@ -3,7 +3,7 @@ import copy
 import pytest
 
 from conftest import FLIGHTS_YAML, flights_config_dict
-from sparknet.config import config_from_dict, load_config
+from sparknet.config import config_from_dict, config_to_dict, config_yaml, load_config
 from sparknet.errors import ConfigError
 
 
@@ -111,3 +111,121 @@ def test_config_error_survives_pickling():
 
     err = pickle.loads(pickle.dumps(ConfigError("train.workers: must be > 0")))
     assert isinstance(err, ConfigError) and str(err) == "train.workers: must be > 0"
+
+
+def test_set_overrides_dotted_keys_with_yaml_values():
+    config = load_config(
+        FLIGHTS_YAML,
+        [
+            "train.epochs=3",
+            "train.hidden=[64, 32]",
+            "train.schedule.name=cosine",
+            "train.fault={kind: exit, rank: 1, step: 3}",
+            "evaluate.compare=true",
+            # A Spark setting's name holds dots itself: the rest of the key is its name.
+            "spark.conf.spark.sql.shuffle.partitions=4",
+            # dep_time is given by its bare type in the file.
+            "sources.flights.columns.dep_time.min=0",
+            "features.impute_columns.precip={strategy: constant, value: 0}",
+            "pca={k: 5}",
+            "train.epochs=4",  # the last one wins
+        ],
+    )
+    assert config.train.epochs == 4 and config.train.hidden == [64, 32]
+    assert config.train.schedule.name == "cosine" and config.train.learning_rate == 0.002
+    assert (config.train.fault.kind, config.train.fault.rank, config.train.fault.step) == (
+        "exit",
+        1,
+        3,
+    )
+    assert config.evaluate.compare is True
+    assert config.spark.conf["spark.sql.shuffle.partitions"] == "4"
+    dep_time = config.sources["flights"].columns["dep_time"]
+    assert (dep_time.type, dep_time.min) == ("int", 0.0)
+    assert config.features.impute_columns["precip"].value == "0"
+    assert (config.pca.k, config.pca.variance) == (5, None)
+    assert config.path == str(FLIGHTS_YAML)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("trian.epochs=3", "--set trian.epochs: unknown key 'trian' (did you mean 'train'?)"),
+        ("train.epocs=3", "unknown key 'train.epocs' (did you mean 'epochs'?); train has workers"),
+        ("train.epochs", "--set 'train.epochs': expected KEY=VALUE"),
+        ("=3", "expected KEY=VALUE"),
+        ("train.epochs=many", "--set train.epochs: expected an integer, got 'many'"),
+        ("train.hidden=[64, x]", "--set train.hidden[1]: expected an integer, got 'x'"),
+        ("train.epochs=[3", "--set train.epochs: '[3' is not a YAML value"),
+        ("train.dropout=yes", "--set train.dropout: expected a number, got 'yes'"),
+        ("evaluate.compare=on", "--set evaluate.compare: expected true or false, got 'on'"),
+        ("train.epochs.max=3", "'train.epochs' is a single value, it has no key 'max'"),
+        ("joins.0.on=[origin]", "'joins' is a list, it has no key '0'; set it whole"),
+        ("sources.nope.path=x.csv", "sources has no 'nope' (it has flights, weather, planes)"),
+        ("train.fault={kind: exit, when: 3}", "--set train.fault: unknown key(s) when"),
+        # Ranges and cross-field rules are checked with the whole config, naming --set.
+        ("train.epochs=0", "with --set train.epochs=0: train.epochs: must be > 0, got 0"),
+        (
+            "train.optimizer=adamx",
+            "train.optimizer: 'adamx' is not one of adam, adamw, sgd, rmsprop",
+        ),
+    ],
+)
+def test_a_bad_override_names_the_key_the_value_and_what_is_allowed(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(FLIGHTS_YAML, [override])
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "key, value, allowed",
+    [
+        ("train.activation", "swish", "relu, gelu, tanh, sigmoid, silu"),
+        ("train.optimizer", "lamb", "adam, adamw, sgd, rmsprop"),
+        ("train.device", "tpu", "auto, cpu, cuda"),
+        ("train.schedule.name", "linear", "constant, step, cosine"),
+        ("train.early_stopping.metric", "f1", "validation_loss, validation_accuracy"),
+        ("label.task", "ranking", "binary, multiclass, regression"),
+        ("features.impute", "zero", "median, mean, mode"),
+        ("sources.flights.format", "xlsx", "csv, parquet, json"),
+        # A column may be given by its bare type: the message names the column.
+        ("sources.flights.columns.year", "int32", "int, long, double"),
+        ("spark.log_level", "LOUD", "ALL, TRACE, DEBUG, INFO, WARN, ERROR, FATAL, OFF"),
+    ],
+)
+def test_every_enum_refuses_other_values_listing_the_allowed(key, value, allowed):
+    with pytest.raises(ConfigError) as info:
+        load_config(FLIGHTS_YAML, [f"{key}={value}"])
+    assert f"{key}: '{value}' is not one of {allowed}" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda d: d["train"]["schedule"].update(warmup="x"), "train.schedule: unknown key(s)"),
+        (lambda d: d["train"].update(schedule="cosine"), "train.schedule: expected a mapping"),
+        (lambda d: d["features"].update(numeric="month"), "features.numeric: expected a list"),
+        (lambda d: d["sources"]["flights"].update(null_values={"NA": 1}), "expected a list"),
+        (lambda d: d["spark"].update(conf=["x"]), "spark.conf: expected a mapping"),
+        (lambda d: d.update(name="my run/1"), "name: 'my run/1' must be letters, digits"),
+        (lambda d: d.update(trian={}), "unknown key(s) trian (did you mean 'train'?)"),
+    ],
+)
+def test_nested_types_and_names_are_checked(edit, message):
+    data = copy.deepcopy(flights_config_dict())
+    data.setdefault("spark", {})
+    data["train"].setdefault("schedule", {})
+    edit(data)
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(data, where="test.yaml")
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["flights.yaml", "penguins.yaml"])
+def test_the_effective_config_reads_back_as_the_same_config(tmp_path, name):
+    config = load_config(FLIGHTS_YAML.parent / name, ["train.epochs=2", "train.hidden=[8]"])
+    saved = tmp_path / "config.yaml"
+    saved.write_text(config_yaml(config))
+    again = load_config(saved)
+    assert config_to_dict(again) == config_to_dict(config)
+    assert again.train.epochs == 2 and again.train.hidden == [8]

@@ -22,9 +22,11 @@ import torch
 import yaml
 from test_train import write_shards
 
-from conftest import small_training_config, synthetic_config_dict
+from conftest import mark_committed, small_training_config, synthetic_config_dict
+from sparknet.config import load_config
 from sparknet.errors import TrainingError
 from sparknet.run_dir import RunDir, read_json
+from sparknet.train import launcher
 from sparknet.train.data import iterate_rank
 from sparknet.train.launcher import make_plans, preflight, process_running, train
 from sparknet.train.model import build_mlp, load_model_files, model_from_bytes, task_loss
@@ -198,6 +200,7 @@ def test_two_runs_at_once_with_port_29500_taken(tmp_path):
     run_dirs = [RunDir.at(tmp_path / f"run{i}") for i in range(2)]
     for i, run_dir in enumerate(run_dirs):
         write_shards(run_dir, n_train=N_TRAIN, seed=i)
+        mark_committed(run_dir, load_config(config))
     blocker = socket.socket()
     blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -238,10 +241,12 @@ def test_two_runs_at_once_with_port_29500_taken(tmp_path):
 
 class FakeContext:
     """What preflight reads from a SparkContext, for settings a running local session
-    cannot change (dynamic allocation, GPU resources, task cpus)."""
+    cannot change (dynamic allocation, GPU resources, task cpus); `slots` stands for the
+    task slots Spark counts (launcher.task_slots)."""
 
-    def __init__(self, conf: dict, parallelism: int, master="spark://127.0.0.1:7077"):
-        self._conf, self.defaultParallelism, self.master = conf, parallelism, master
+    def __init__(self, conf: dict, slots: int, master="local[4]"):
+        self._conf, self.slots, self.master = conf, slots, master
+        self.startTime = 0  # ms since the epoch: long started, no waiting for executors
 
     def getConf(self):
         return self
@@ -251,19 +256,19 @@ class FakeContext:
 
 
 class FakeSession:
-    def __init__(self, conf: dict, parallelism: int):
-        self.sparkContext = FakeContext(conf, parallelism)
+    def __init__(self, conf: dict, slots: int):
+        self.sparkContext = FakeContext(conf, slots)
 
 
 @pytest.mark.parametrize(
-    "conf, parallelism, device, message",
+    "conf, slots, device, message",
     [
         ({}, 1, "cpu", r"train.workers=2 needs 2 concurrent task slots, but master .* offers 1"),
         (
             {"spark.task.cpus": "2"},
-            2,
+            1,
             "cpu",
-            r"offers 1 \(2 cores / spark.task.cpus=2\)",
+            r"offers 1 \(the registered executors' cores / spark.task.cpus=2\); lower",
         ),
         (
             {"spark.dynamicAllocation.enabled": "true"},
@@ -275,9 +280,15 @@ class FakeSession:
     ],
     ids=["slots", "task-cpus", "dynamic-allocation", "cuda-without-gpus"],
 )
-def test_preflight_refuses_in_one_message(conf, parallelism, device, message):
+def test_preflight_refuses_in_one_message(monkeypatch, conf, slots, device, message):
+    monkeypatch.setattr(launcher, "task_slots", lambda sc: sc.slots)
     with pytest.raises(TrainingError, match=message):
-        preflight(FakeSession(conf, parallelism), 2, device)
+        preflight(FakeSession(conf, slots), 2, device)
+
+
+def test_task_slots_are_what_the_barrier_check_counts(spark):
+    # local[2] with spark.task.cpus=1: two slots, through the same Spark call a cluster uses.
+    assert launcher.task_slots(spark.sparkContext) == 2
 
 
 def test_batch_norm_ranks_end_with_the_same_statistics(spark, uneven_shards):

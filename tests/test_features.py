@@ -64,7 +64,7 @@ def test_pca_keeps_the_target_variance_and_is_fit_on_train_only(spark, tmp_path)
     # The fill value is the train split's median (exact at this size), saved in the
     # pipeline's first stage and reported.
     train_median = train.approxQuantile("x4", [0.5], 0.0)[0]
-    x4 = read_json(run_dir.quality)["features"]["columns"]["x4"]
+    x4 = read_json(run_dir.feature_quality)["columns"]["x4"]
     assert x4["impute"] == "median" and x4["fill"] == train_median
     assert x4["missing_in_train"] == train.filter("x4 IS NULL").count()
     model = PipelineModel.load(str(run_dir.feature_pipeline))
@@ -158,7 +158,7 @@ def test_nothing_non_finite_reaches_the_vectors(spark, tmp_path):
         vectors = np.stack([r["pca"].toArray() for r in projected.collect()])
         assert np.isfinite(vectors).all(), split
 
-    quality = read_json(run_dir.quality)["features"]["columns"]
+    quality = read_json(run_dir.feature_quality)["columns"]
     clean = spark.read.parquet(str(run_dir.clean))
     # Every row's NaN or inf, in every split, was counted as filled.
     assert quality["root_x1"]["filled"] == clean.filter("x1 < 0").count()
@@ -200,7 +200,7 @@ def test_fill_strategies_and_clipping_are_fitted_on_train(spark, tmp_path):
         .filter("split = 'train'")
     )
     low, high = train.approxQuantile("x1", [0.05, 0.95], 0.0)
-    columns = read_json(run_dir.quality)["features"]["columns"]
+    columns = read_json(run_dir.feature_quality)["columns"]
     assert columns["x1"]["clip_bounds"] == [low, high]
     # The mean is of the values as clipped.
     clipped_mean = train.select(F.avg(F.least(F.greatest("x1", F.lit(low)), F.lit(high)))).first()[
@@ -234,21 +234,6 @@ def test_features_refuse_a_clean_stage_that_did_not_finish(spark, tmp_path):
     run_dir.quality.write_text("{}\n")
     with pytest.raises(RunDirError, match="does not record a finished clean stage"):
         fit_and_project(spark, synthetic_config(), run_dir)
-
-
-def test_a_stage_clears_its_own_and_later_outputs_first(tmp_path):
-    run_dir = RunDir.at(tmp_path)
-    order = ["ingest", "clean", "features", "shard", "train", "evaluate"]
-    for path in (run_dir.clean, run_dir.features, run_dir.model):
-        path.mkdir(parents=True)
-    for path in (run_dir.quality, run_dir.pca, run_dir.metrics):
-        path.write_text("{}")
-    run_dir.raw.mkdir()
-    removed = run_dir.clear_from("features", order)
-    assert sorted(p.name for p in removed) == ["features", "metrics.json", "model", "pca.json"]
-    assert run_dir.clean.exists() and run_dir.quality.exists()
-    run_dir.clear_from("ingest", order)
-    assert run_dir.raw.exists() and not run_dir.clean.exists()
 
 
 def test_a_derived_expression_failing_on_a_row_names_the_key(spark, tmp_path):

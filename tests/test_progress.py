@@ -4,6 +4,7 @@ import io
 import json
 import logging
 import re
+import threading
 import time
 
 import numpy as np
@@ -168,3 +169,23 @@ def test_a_failing_listener_does_not_drop_the_rank(caplog):
     assert state.done and state.phase == "done"
     assert server.listener is None
     assert "progress display failed" in caplog.text
+
+
+def test_the_driver_hears_a_vanished_rank_out_before_it_says_why():
+    """Spark can fail the job (an executor lost) before the lost rank's connection
+    drops: the diagnosis waits for the ranks to end rather than say nothing."""
+    with EventServer("127.0.0.1", 2) as server:
+        clients = [EventClient(server.address, server.token, r, timeout_s=5) for r in (0, 1)]
+        for client in clients:
+            client.at(0, 3, "allreduce")
+        deadline = time.monotonic() + 5
+        while len(server.snapshot()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.diagnosis() == ""  # both alive, in a collective: nothing to tell yet
+
+        for delay, client in ((0.5, clients[1]), (1.0, clients[0])):
+            threading.Timer(delay, client.close, kwargs={"done": False}).start()
+        server.wait_until_ended(within_s=30)
+        assert all(s.closed for s in server.snapshot().values())
+        assert server.diagnosis().startswith("rank 1 (pid ")
+        assert "exited without an error at epoch 0 step 3" in server.diagnosis()

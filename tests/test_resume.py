@@ -13,10 +13,12 @@ import pytest
 from test_train import write_shards
 
 from conftest import small_training_config
+from sparknet.config import FaultConfig
 from sparknet.run_dir import RunDir, read_json
 from sparknet.train import checkpoint
 from sparknet.train.data import iterate_rank
-from sparknet.train.launcher import already_trained, make_plans, train
+from sparknet.train.launcher import make_plans, train
+from sparknet.train.worker import _inject_fault
 
 BATCH = 64
 N_TRAIN = 2 * 23 * BATCH + 3  # 24 steps per epoch on 2 ranks
@@ -134,11 +136,30 @@ def test_a_relaunch_with_fewer_workers_replans_from_an_epoch_boundary(spark, run
     assert report["epochs"][0]["rank_samples"] != report["epochs"][2]["rank_samples"]
 
 
-def test_a_finished_training_is_not_redone(spark, run_dir):
-    cfg = config(epochs=1)
-    train(spark, cfg, run_dir)
-    assert "training already finished" in already_trained(cfg, run_dir)
-    assert already_trained(config(epochs=2), run_dir) is None
+def test_a_fault_unless_resumed_spares_resumed_launches_only():
+    once = FaultConfig(kind="raise", rank=1, step=30, unless_resumed=True)
+    always = FaultConfig(kind="raise", rank=1, step=30)
+    with pytest.raises(RuntimeError, match="injected fault at rank 1, global step 30"):
+        _inject_fault(once, 1, 30, 0, resumed=False)
+    assert _inject_fault(once, 1, 30, 0, resumed=True) is None
+    with pytest.raises(RuntimeError, match="injected fault"):
+        _inject_fault(always, 1, 30, 0, resumed=True)
+    assert _inject_fault(once, 1, 29, 0, resumed=False) is None
+
+
+def test_a_rerun_stage_resumes_past_a_fault_unless_resumed(spark, run_dir):
+    """What a scheduler's retry of the train stage does: a new launch, in a new call,
+    with sparknet's own relaunches off."""
+    fault = {"kind": "raise", "rank": 1, "step": 30, "unless_resumed": True}
+    cfg = config(epochs=2, max_attempts=1, fault=fault)
+    with pytest.raises(Exception, match="injected fault at rank 1, global step 30"):
+        train(spark, cfg, run_dir)
+    report = train(spark, cfg, run_dir)
+    # The checkpoint after global step 29 is the position (epoch 1, step 6): the step
+    # whose fault the first launch hit is run again, and passes.
+    assert report["resumed_from"] == {"epoch": 1, "step": 6, "world_size": 2}
+    assert report["attempts"] == []
+    assert [e["samples"] for e in report["epochs"]] == [N_TRAIN] * 2
 
 
 def test_checkpoints_of_another_config_are_never_resumed(spark, run_dir):

@@ -150,7 +150,7 @@ def test_scoring_rows_get_the_full_train_encoding_and_unseen_the_prior(spark, en
     ids = scored.loc[unseen, "id"]
     np.testing.assert_allclose(got.loc[ids, "noise__te"], noise_prior, rtol=1e-12)
 
-    report = read_json(run_dir.quality)["features"]["columns"]
+    report = read_json(run_dir.feature_quality)["columns"]
     assert report["noise"]["kind"] == "target"
     assert report["noise"]["encoding"]["scored_with_prior"] == {
         "missing": 0,

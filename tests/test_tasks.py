@@ -160,7 +160,13 @@ def test_binary_evaluate_keeps_its_keys(spark, tmp_path):
     assert metrics == read_json(run_dir.metrics)
     for key in ("rows", "positive_share", "model", "majority_baseline", "split", "label"):
         assert key in metrics
-    assert set(metrics["model"]) == {"accuracy", "roc_auc", "log_loss"}
+    # The keys MLflow tracking and earlier runs' readers know stay; the rest are added.
+    assert {"accuracy", "roc_auc", "log_loss"} <= set(metrics["model"])
+    assert {"precision", "recall", "f1", "pr_auc", "confusion_matrix", "calibration"} <= set(
+        metrics["model"]
+    )
+    assert "comparison" not in metrics  # evaluate.compare is off by default
+    assert run_dir.report.exists()
     assert metrics["model"]["accuracy"] > 0.9 and metrics["model"]["roc_auc"] > 0.95
 
 

@@ -98,6 +98,9 @@ def test_two_ranks_train_to_identical_weights(spark, shards, caplog):
     lines = [r.getMessage() for r in caplog.records]
     for n in range(1, epochs + 1):
         assert sum(line.startswith(f"epoch {n}/{epochs}: train loss") for line in lines) == 1
+    # Each rank's own lines, logged again on the driver with its rank.
+    relayed = {r.rank for r in caplog.records if r.name == "sparknet.train.worker"}
+    assert relayed == {0, 1}
     history = [json.loads(line) for line in (shards.train_dir / "metrics.jsonl").open()]
     assert [r["type"] for r in history] == ["epoch"] * epochs + ["ranks"]
     for record, reported in zip(history, report["epochs"], strict=False):

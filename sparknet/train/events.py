@@ -43,6 +43,8 @@ class RankState:
     rank: int
     host: str = ""
     pid: int = 0
+    python: str = ""  # the rank's interpreter (spark.pyspark.python on a cluster)
+    sparknet: str = ""  # where the rank imported sparknet from (a shipped zip on a cluster)
     epoch: int = -1
     step: int = -1
     phase: str = "starting"
@@ -141,6 +143,7 @@ class EventServer:
         with self._lock:
             state = self.ranks.setdefault(event["rank"], RankState(event["rank"]))
             state.host, state.pid = event.get("host", ""), event.get("pid", 0)
+            state.python, state.sparknet = event.get("python", ""), event.get("sparknet", "")
             state.changed_at = time.monotonic()
         self._tell(state.rank, {k: v for k, v in event.items() if k != "token"})
         return state
@@ -166,8 +169,13 @@ class EventServer:
             elif kind == "done":
                 state.done = True
         self._tell(state.rank, event)
-        if kind == "log" and event.get("level", 0) >= logging.WARNING:
-            log.warning("rank %d: %s", state.rank, event["message"])
+        if kind == "log":
+            # Logged again here, under the rank's own logger and with its rank, so the
+            # driver's log holds every rank's lines.
+            logger = logging.getLogger(event.get("logger") or __name__)
+            logger.log(
+                event.get("level", logging.INFO), "%s", event["message"], extra={"rank": state.rank}
+            )
 
     def _tell(self, rank: int, event: dict) -> None:
         listener = self.listener
@@ -250,6 +258,18 @@ class EventServer:
             return f"no progress for {timeout_s:.0f} s (train.timeout_s): {where}"
         return ""
 
+    def wait_until_ended(self, within_s: float) -> None:
+        """Waits, at most `within_s`, until every rank has finished or lost its
+        connection. Spark can end the job first (an executor lost: the cluster manager
+        tells the driver while the rank's process is still being killed), and a
+        diagnosis made then knows nothing of the rank that went."""
+        deadline = time.monotonic() + within_s
+        while time.monotonic() < deadline:
+            with self._lock:
+                if all(s.done or s.closed for s in self.ranks.values()):
+                    return
+            time.sleep(0.1)
+
     def retriable(self) -> bool:
         """Whether a relaunch may get further: not when the first rank to fail raised a
         sparknet error (a non-finite loss, shards that changed: it would happen again);
@@ -330,8 +350,19 @@ class EventClient:
             ) from None
         self._socket.settimeout(timeout_s)
         import os
+        import sys
 
-        self.send(type="hello", token=token, rank=rank, host=socket.gethostname(), pid=os.getpid())
+        import sparknet
+
+        self.send(
+            type="hello",
+            token=token,
+            rank=rank,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            python=sys.executable,
+            sparknet=os.path.abspath(os.path.dirname(sparknet.__file__)),
+        )
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, daemon=True, name="sparknet-beat")
         self._thread.start()
@@ -392,6 +423,7 @@ class EventClient:
                     line = record.getMessage()
                 client.send(
                     type="log",
+                    logger=record.name,
                     level=record.levelno,
                     line=line,
                     message=record.getMessage(),

@@ -23,7 +23,7 @@ from pyspark.sql import functions as F
 
 from sparknet.config import Config
 from sparknet.errors import TrainingError
-from sparknet.run_dir import RunDir, read_json, write_json
+from sparknet.run_dir import RunDir, read_json, spark_path, write_json
 from sparknet.shard import LABEL, SAMPLE_ID
 from sparknet.train import checkpoint
 from sparknet.train.events import EventServer
@@ -46,7 +46,7 @@ def label_summary(spark: SparkSession, path: str) -> dict:
     and how many labels are not whole numbers (class indices must be)."""
     label = F.col(LABEL).cast("double")
     row = (
-        spark.read.parquet(path)
+        spark.read.parquet(spark_path(path))
         .agg(
             F.count(label).alias("rows"),
             F.sum((label.isNull() | F.isnan(label)).cast("long")).alias("nulls"),
@@ -136,14 +136,65 @@ def preflight(spark: SparkSession, workers: int, device: str) -> None:
             "spark.dynamicAllocation.enabled=true: Spark refuses barrier stages with dynamic "
             "allocation; disable it for the training job"
         )
-    task_cpus = int(conf.get("spark.task.cpus", "1"))
-    slots = sc.defaultParallelism // task_cpus
+    # Executors register with the driver after the application starts: give them what is
+    # left of Spark's own registration window, counted from the application's start, so
+    # that a train stage run right after the session starts does not count too early,
+    # and one run later (after the other stages) does not wait at all.
+    started_s = sc.startTime / 1000
+    window_s = registration_window_s(sc)
+    slots = wait_for_slots(sc, workers, max(0.0, started_s + window_s - time.time()))
     if workers > slots:
+        task_cpus = int(conf.get("spark.task.cpus", "1"))
+        waited = (
+            ""
+            if is_local(sc)
+            else f" {time.time() - started_s:.0f} s after the application started (executors "
+            f"had spark.scheduler.maxRegisteredResourcesWaitingTime={window_s:g} s to register)"
+        )
         raise TrainingError(
             f"train.workers={workers} needs {workers} concurrent task slots, but master "
-            f"{sc.master} offers {slots} ({sc.defaultParallelism} cores / spark.task.cpus="
-            f"{task_cpus}); lower train.workers or add cores"
+            f"{sc.master} offers {slots} (the registered executors' cores / "
+            f"spark.task.cpus={task_cpus}){waited}; lower train.workers or add cores"
         )
+
+
+def is_local(sc) -> bool:
+    return sc.master.startswith("local")
+
+
+def task_slots(sc) -> int:
+    """Tasks of the training stage the cluster can run at once, counted the way Spark's
+    own barrier check counts them: the registered executors' cores (and other task
+    resources) over what one task takes. Not `defaultParallelism`: on a cluster that is
+    never below 2, and it counts cores, not slots."""
+    jsc = sc._jsc.sc()
+    profile = jsc.resourceProfileManager().defaultResourceProfile()
+    return int(jsc.maxNumConcurrentTasks(profile))
+
+
+def registration_window_s(sc) -> float:
+    """How long Spark itself may wait for executors to register before it schedules
+    (spark.scheduler.maxRegisteredResourcesWaitingTime, 30 s by default); nothing in
+    local mode, whose slots exist from the start."""
+    if is_local(sc):
+        return 0.0
+    key = "spark.scheduler.maxRegisteredResourcesWaitingTime"
+    return sc._jsc.sc().conf().getTimeAsMs(key, "30s") / 1000
+
+
+# How often the driver counts the registered executors while it waits for them.
+SLOT_POLL_S = 0.25
+
+
+def wait_for_slots(sc, wanted: int, within_s: float) -> int:
+    """The task slots, as soon as there are `wanted` of them, or what there is after
+    `within_s`."""
+    deadline = time.monotonic() + within_s
+    while True:
+        slots = task_slots(sc)
+        if slots >= wanted or time.monotonic() >= deadline:
+            return slots
+        time.sleep(SLOT_POLL_S)
 
 
 def python_error(exc: Exception) -> str:
@@ -152,6 +203,10 @@ def python_error(exc: Exception) -> str:
     found = re.findall(r"(sparknet\.errors\.\w+: .*?)(?:\n\s+at |\Z)", text, flags=re.S)
     if found:
         return found[-1].strip()
+    # No Python exception: an executor went away (killed, out of memory, its node lost).
+    lost = re.search(r"ExecutorLostFailure \(.*", text)
+    if lost:
+        return lost.group(0).strip()
     lines = [ln for ln in text.splitlines() if ln.strip()]
     return "\n".join(lines[-15:])
 
@@ -205,30 +260,27 @@ def check_shard_columns(plan: ShardPlan, wanted: list[str]) -> None:
             )
 
 
+# train settings that may change between launches of one training without changing what
+# a checkpoint holds: a relaunch after a lost executor may have fewer workers.
+LAUNCH_SETTINGS = (
+    "workers",
+    "timeout_s",
+    "max_attempts",
+    "checkpoint",
+    "fault",
+    "device",
+    "prefetch_row_groups",
+)
+
+
 def fingerprint(config: Config, manifest: dict) -> str:
     """What a checkpoint or a finished training belongs to: the training config (less
-    what may change between launches of the same run: workers, timeouts, faults), the
-    label, and the shards."""
+    LAUNCH_SETTINGS), the label, and the shards."""
     t = dataclasses.asdict(config.train)
-    for key in ("workers", "timeout_s", "max_attempts", "checkpoint", "fault", "device"):
+    for key in LAUNCH_SETTINGS:
         t.pop(key)
-    t.pop("prefetch_row_groups")
     content = {"train": t, "label": dataclasses.asdict(config.label), "shards": manifest}
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
-
-
-def already_trained(config: Config, run_dir: RunDir) -> str | None:
-    """A note when train.json says this config trained on these shards to the end."""
-    if not (run_dir.train_report.exists() and run_dir.shards_manifest.exists()):
-        return None
-    report = read_json(run_dir.train_report)
-    current = fingerprint(config, read_json(run_dir.shards_manifest))
-    if report.get("fingerprint") != current or not (run_dir.model / "model.pt").exists():
-        return None
-    return (
-        f"training already finished for this config and these shards ({run_dir.train_report}, "
-        f"fingerprint {current[:12]}); nothing to do. Remove {run_dir.train_report} to retrain"
-    )
 
 
 def resume_point(directory: str, fingerprint_: str, workers: int) -> tuple[str, dict] | None:
@@ -244,7 +296,9 @@ def relaunch_workers(spark: SparkSession, wanted: int) -> int:
     """Ranks for a relaunch: as many as wanted when the slots are there, fewer when
     executors were lost (the shards are re-planned for them)."""
     sc = spark.sparkContext
-    slots = sc.defaultParallelism // int(sc.getConf().get("spark.task.cpus", "1"))
+    # A lost executor is replaced by the cluster manager (a standalone worker launches a
+    # new one within seconds): wait for it as long as Spark waits for executors at start.
+    slots = wait_for_slots(sc, wanted, registration_window_s(sc))
     if slots < 1:
         raise TrainingError("no task slots left to relaunch training on")
     if slots < wanted:
@@ -268,6 +322,9 @@ def driver_address(spark: SparkSession) -> tuple[str, str]:
 
 # How long a cancelled job may take to end before the driver stops waiting for it.
 CANCEL_WAIT_S = 60.0
+# How long a failed job's ranks may take to report their end before the driver says why
+# it failed.
+RANKS_END_WAIT_S = 10.0
 
 
 def run_barrier(
@@ -308,7 +365,16 @@ def run_barrier(
                 ranks_file,
                 {
                     "attempt": spec.attempt,
-                    "ranks": [{"rank": r.rank, "host": r.host, "pid": r.pid} for r in ranks],
+                    "ranks": [
+                        {
+                            "rank": r.rank,
+                            "host": r.host,
+                            "pid": r.pid,
+                            "python": r.python,
+                            "sparknet": r.sparknet,
+                        }
+                        for r in ranks
+                    ],
                 },
             )
             ranks_file = None
@@ -320,6 +386,8 @@ def run_barrier(
             break
     if stalled is None and "error" not in outcome:
         return outcome["results"]
+    if stalled is None:
+        events.wait_until_ended(RANKS_END_WAIT_S)
     # What the ranks said comes first; Spark's message when they said nothing.
     if stalled:
         reason = stalled

@@ -25,6 +25,7 @@ import hashlib
 import logging
 import math
 import os
+import socket
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -136,7 +137,7 @@ def run_rank(spec: TaskSpec) -> dict:
     Py4J error, or nothing at all when the process dies."""
     from pyspark import BarrierTaskContext
 
-    from sparknet.logs import add_handler, set_stage
+    from sparknet.logs import add_handler, set_rank, set_stage
     from sparknet.train.events import EventClient
 
     context = BarrierTaskContext.get()
@@ -144,7 +145,8 @@ def run_rank(spec: TaskSpec) -> dict:
     events = EventClient(spec.events, spec.token, rank, spec.train.timeout_s)
     # This rank's records go to the driver, which prints them in its own log (the one
     # Airflow and spark-submit users read), not to the executor's stderr.
-    set_stage(f"train rank {rank}")
+    set_stage("train")
+    set_rank(rank)
     forward = add_handler(events.handler())
     finished = False
     try:
@@ -161,6 +163,9 @@ def run_rank(spec: TaskSpec) -> dict:
         raise TrainingError(f"rank {rank} failed: {message}") from None
     finally:
         logging.getLogger("sparknet").removeHandler(forward)
+        # Spark reuses this Python worker for other tasks, which are no rank.
+        set_stage("-")
+        set_rank("-")
         events.close(done=finished)
 
 
@@ -359,6 +364,16 @@ def _train(spec: TaskSpec, context, events: EventClient) -> dict:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
+    log.info(
+        "rank %d of %d: pid %d on %s, %s backend on %s, %d torch threads",
+        rank,
+        world_size,
+        os.getpid(),
+        socket.gethostname(),
+        backend,
+        device,
+        threads,
+    )
 
     model = ddp = optimizer = None
     completed = False
@@ -422,7 +437,9 @@ def _train(spec: TaskSpec, context, events: EventClient) -> dict:
                 waited += time.perf_counter() - asked
                 global_step = epoch * steps + step
                 events.at(epoch, step, "forward")
-                inject = _inject_fault(t.fault, rank, global_step, spec.attempt)
+                inject = _inject_fault(
+                    t.fault, rank, global_step, spec.attempt, resumed=spec.resume_from is not None
+                )
                 features = torch.from_numpy(x).to(device, non_blocking=True)
                 target = torch.from_numpy(y).to(device, non_blocking=True)
                 optimizer.zero_grad(set_to_none=True)
@@ -595,9 +612,13 @@ def collective_timeout(timeout_s: float) -> float:
     return timeout_s * 1.25 + 10
 
 
-def _inject_fault(fault, rank: int, global_step: int, attempt: int) -> str | None:
+def _inject_fault(
+    fault, rank: int, global_step: int, attempt: int, resumed: bool = False
+) -> str | None:
     """train.fault: the test hook that proves failures end the job and say why."""
     if fault is None or (fault.rank, fault.step, fault.attempt) != (rank, global_step, attempt):
+        return None
+    if fault.unless_resumed and resumed:
         return None
     log.warning("injecting fault '%s' at global step %d", fault.kind, global_step)
     if fault.kind == "raise":

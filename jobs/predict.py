@@ -1,0 +1,12 @@
+"""Score raw rows with a run's artifact; writes scores/, rejects/ and summary.json.
+
+python jobs/predict.py --config conf/flights.yaml --run-dir DIR --input PATH \
+    [--format csv|parquet|json] --output OUT
+"""
+
+import sys
+
+from sparknet.predict import main
+
+if __name__ == "__main__":
+    sys.exit(main())
