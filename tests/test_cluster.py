@@ -197,7 +197,10 @@ def kill_an_executor_mid_training(
     """Waits for the first checkpoint, then kills the executor JVM hosting rank 1: the
     CoarseGrainedExecutorBackend that one of this cluster's workers launched and whose
     process tree holds the rank's Python worker (train/ranks.json names its pid)."""
-    ranks_file = run_dir.train_dir / "ranks.json"
+    # While training runs, its files are in the train stage's staging folder; they move
+    # into place only when the stage commits.
+    training = run_dir.staged("train")
+    ranks_file = training.train_dir / "ranks.json"
     deadline = time.monotonic() + SUBMIT_TIMEOUT_S
     while not (ranks_file.exists() and any(run_dir.checkpoints.glob("*.pt"))):
         assert submitted.poll() is None, "the cluster run ended before training checkpointed"
@@ -208,7 +211,7 @@ def kill_an_executor_mid_training(
     assert executor is not None, f"rank 1 (pid {rank['pid']}) runs under none of our workers"
     args = cmdline(executor)
     app_id = args[args.index("--app-id") + 1]
-    epochs_done = len(epoch_records(run_dir))
+    epochs_done = len(epoch_records(training))
     os.kill(executor, signal.SIGKILL)
     return {"pid": executor, "app_id": app_id, "epochs_done": epochs_done, "rank": rank}
 
