@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -213,6 +214,17 @@ class RunDir:
     def outputs(self, stage: str) -> list[Path]:
         """What `stage` writes, where this view puts it."""
         return [self._out(name) for name in OUTPUTS[stage]]
+
+    def discard(self, stage: str) -> None:
+        """Removes `stage`'s commit record, then its committed outputs: a run directory
+        in which it never finished. The status goes first, so nothing reads a half-removed
+        output as committed."""
+        self.status(stage).unlink(missing_ok=True)
+        for path in RunDir.at(self.root).outputs(stage):
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
 
     def require(self, path: Path, stage: str) -> Path:
         """Fails with the stage to run first when an input is missing."""

@@ -281,13 +281,7 @@ def copy_run_dir(source: RunDir, target: Path, first_removed: str) -> RunDir:
     copy = RunDir.at(target)
     order = list(STAGES)
     for stage in order[order.index(first_removed) :]:
-        # The status first: it is the commit record that says the outputs are there.
-        copy.status(stage).unlink(missing_ok=True)
-        for path in copy.outputs(stage):
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink(missing_ok=True)
+        copy.discard(stage)
     if first_removed in BEFORE_TRAIN + ["train"]:
         shutil.rmtree(copy.checkpoints, ignore_errors=True)
     return copy

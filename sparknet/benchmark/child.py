@@ -251,12 +251,7 @@ def preprocess_kind(params: dict) -> dict:
     # Each measured round recomputes from the raw files: drop the previous round's
     # outputs and commit records (the stages are called directly, not skipped).
     for name in ("clean", "features", "shard", "train", "evaluate", "export"):
-        run_dir.status(name).unlink(missing_ok=True)
-        for path in run_dir.outputs(name):
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink(missing_ok=True)
+        run_dir.discard(name)
     seconds = {}
     with PeakMemory() as memory:
         spark = spark_session(config)
