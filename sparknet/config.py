@@ -37,7 +37,7 @@ EARLY_STOPPING_METRICS = (
     "validation_auc",
     "validation_rmse",
 )
-FAULTS = ("raise", "exit", "sleep", "nan")
+FAULTS = ("raise", "exit", "sleep", "nan", "overflow")
 NUMERIC_TYPES = ("int", "long", "double", "float")
 # How a feature's missing values (null, or NaN/inf from a derived expression) are filled,
 # fitted on the train split. `category` (categoricals only) keeps missing as its own
@@ -259,7 +259,9 @@ class CheckpointConfig:
 class FaultConfig:
     """A fault injected on purpose, to test that the job fails fast and says why: at
     global optimizer step `step` (counted from 0 across epochs), rank `rank` raises,
-    exits its Python process, sleeps `seconds`, or feeds a NaN into its loss. Only on
+    exits its Python process, sleeps `seconds`, feeds a NaN into its loss, or reports an
+    infinite loss with finite gradients (`overflow`, as a float32 loss on an extreme row
+    can). Only on
     launch `attempt` (0: the first), so that a relaunch gets past it. With
     `unless_resumed`, only in a launch that did not resume from a checkpoint: a rerun of
     the stage in a new process (a scheduler's retry) then gets past it too, but only if

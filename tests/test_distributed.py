@@ -156,6 +156,12 @@ FAULTS = {
         {},
         120.0,
     ),
+    "overflow": (
+        r"epoch 0: the loss of 1 step\(s\) is not finite though the gradients were; all "
+        r"ranks stopped together",
+        {},
+        120.0,
+    ),
 }
 
 

@@ -53,7 +53,7 @@ class _Rank:
         self.pid = 0
         self.epoch = -1
         self.steps_done = 0  # optimizer steps finished in `epoch`
-        self.loss: float | None = None  # running mean train loss of `epoch`, all ranks
+        self.loss: float | None = None  # running mean train loss of `epoch` on this rank
         self.samples_per_s: float | None = None
         self.wait_share: float | None = None
         # epoch -> (rows, seconds, data-wait seconds, steps) as last reported in it

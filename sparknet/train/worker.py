@@ -12,8 +12,10 @@ loss by world_size / rows-in-this-step-on-all-ranks, so DDP's average is the mea
 the step's rows however they are spread; tests/test_distributed.py checks the weights
 against a single process to 1e-5.
 
-Why it never hangs: a non-finite loss on any rank is learnt by all in the same step's
-allreduce and all stop together; a rank that raises tells the driver before it dies;
+Why it never hangs: a non-finite loss on any rank makes the averaged gradient
+non-finite on every rank in the same step, so all stop together (a loss that overflows
+while its gradient stays finite is caught, again by all ranks together, in the epoch's
+closing allreduce); a rank that raises tells the driver before it dies;
 one that exits or stalls is found by the driver's watchdog (events.py), which cancels
 the job.
 """
@@ -239,10 +241,10 @@ class Resumed:
             part = self.state["partial"]
             return (
                 np.array(part["seen"][rank], dtype=np.int64),
-                np.array(part["loss_total"], dtype=np.float64),
+                np.array(part["loss_total"][rank], dtype=np.float64),
                 float(part["waited"][rank]),
             )
-        return np.zeros(3, dtype=np.int64), np.zeros(2), 0.0
+        return np.zeros(3, dtype=np.int64), np.zeros(3), 0.0
 
     def position(self) -> dict | None:
         if self.state is None:
@@ -275,9 +277,11 @@ def _checkpoint(
     from sparknet.train import checkpoint
 
     rng = _gather_equal(torch.get_rng_state(), world_size, device)
-    seen = waited = None
+    seen = waited = loss_total = None
     if partial is not None:
         seen = [r.tolist() for r in _gather_equal(torch.from_numpy(partial[0]), world_size, device)]
+        losses = torch.from_numpy(partial[1])
+        loss_total = [r.tolist() for r in _gather_equal(losses, world_size, device)]
         mine = torch.tensor([partial[2]], dtype=torch.float64)
         waited = [float(r[0]) for r in _gather_equal(mine, world_size, device)]
     if rank != 0:
@@ -299,7 +303,7 @@ def _checkpoint(
         "rng": [r.to(torch.uint8) for r in rng],
         "partial": None
         if partial is None
-        else {"seen": seen, "waited": waited, "loss_total": partial[1].tolist()},
+        else {"seen": seen, "waited": waited, "loss_total": loss_total},
     }
     path = checkpoint.save(spec.checkpoint_dir, state, spec.train.checkpoint.keep)
     events.send(type="checkpoint", epoch=epoch, step=step, path=path)
@@ -410,9 +414,10 @@ def _train(spec: TaskSpec, context, events: EventClient) -> dict:
             ddp.train()
             first_step = run.step if epoch == run.epoch else 0
             # Which samples this rank saw (count, sum and sum of squares of the dense ids:
-            # summed over ranks they prove "each id exactly once"), then the loss sum and
-            # rows over all ranks, then seconds spent waiting for data. A resumed epoch
-            # starts from the checkpoint's sums.
+            # summed over ranks they prove "each id exactly once"), then this rank's
+            # finite loss sum, rows and non-finite losses, then seconds spent waiting for
+            # data. They are summed over ranks once, at the end of the epoch. A resumed
+            # epoch starts from the checkpoint's sums.
             seen, loss_total, waited = run.partial(epoch, rank)
             events.at(epoch, first_step, "read")
             if in_memory is None:
@@ -457,24 +462,24 @@ def _train(spec: TaskSpec, context, events: EventClient) -> dict:
                     loss = loss + extra
                 events.at(epoch, step, "backward")
                 loss.backward()
-                events.at(epoch, step, "allreduce")
-                # Every rank learns which ranks' losses were not finite: stopping is a
-                # collective decision, so no rank is left waiting in the next allreduce.
-                stats = torch.zeros(world_size + 2, dtype=torch.float64)
                 local = float(loss_sum.item())
-                stats[rank] = 0.0 if math.isfinite(local) else 1.0
-                stats[world_size] = local if math.isfinite(local) else 0.0
-                stats[world_size + 1] = len(ids)
-                stats = stats.to(device)
-                all_reduce(stats)
-                stats = stats.cpu()
-                bad_ranks = [r for r in range(world_size) if stats[r] > 0]
-                # Gradients are identical on all ranks after DDP's allreduce, so this test
-                # gives the same answer everywhere.
-                if bad_ranks or not _gradients_finite(model):
+                if inject == "overflow":
+                    local = float("inf")
+                # Gradients are identical on all ranks after DDP's allreduce (a rank's
+                # non-finite loss makes them non-finite everywhere), so every rank takes
+                # the same decision and none is left waiting in the next collective. Only
+                # then do the ranks learn whose loss it was: one more allreduce on a step
+                # that fails, none on the others (issue 9 measured a per-step one at
+                # 16-20% of a step).
+                if not _gradients_finite(model):
+                    events.at(epoch, step, "allreduce")
                     raise NonFiniteError(
                         _non_finite_message(
-                            bad_ranks, epoch, step, global_step, optimizer.param_groups[0]["lr"]
+                            _ranks_not_finite(local, rank, world_size, device),
+                            epoch,
+                            step,
+                            global_step,
+                            optimizer.param_groups[0]["lr"],
                         )
                     )
                 events.at(epoch, step, "optimizer")
@@ -483,13 +488,16 @@ def _train(spec: TaskSpec, context, events: EventClient) -> dict:
                 optimizer.step()
                 scheduler.step()
                 seen += _id_sums(ids)
-                loss_total += (float(stats[world_size]), float(stats[world_size + 1]))
+                if math.isfinite(local):
+                    loss_total += (local, len(ids), 0.0)
+                else:
+                    loss_total += (0.0, len(ids), 1.0)
                 every = t.checkpoint.every_steps
                 if every and (global_step + 1) % every == 0 and step + 1 < steps:
                     events.at(epoch, step, "checkpoint")
                     save_checkpoint(epoch, step + 1, (seen, loss_total, waited), False)
-                # For the driver's progress display (progress.py): this rank's rows and
-                # data wait so far, and the epoch's running loss over all ranks.
+                # For the driver's progress display (progress.py): this rank's rows, data
+                # wait and running loss so far.
                 events.at(
                     epoch,
                     step + 1,
@@ -497,7 +505,7 @@ def _train(spec: TaskSpec, context, events: EventClient) -> dict:
                     rows=int(seen[0]),
                     wait_s=waited,
                     seconds=time.perf_counter() - started,
-                    loss=loss_total[0] / loss_total[1],
+                    loss=loss_total[0] / max(loss_total[1], 1),
                 )
                 asked = time.perf_counter()
             if step + 1 != steps:
@@ -509,9 +517,21 @@ def _train(spec: TaskSpec, context, events: EventClient) -> dict:
             totals = torch.tensor(seen, dtype=torch.int64).to(device)
             all_reduce(totals)
             totals = totals.cpu()
+            losses = torch.from_numpy(loss_total.copy()).to(device)
+            all_reduce(losses)
+            loss_sum_all, rows_all, not_finite = (float(v) for v in losses.cpu())
+            if not_finite:
+                # The loss overflowed on some rows while the gradients stayed finite;
+                # the sums are the same on every rank, so all stop here together.
+                raise NonFiniteError(
+                    f"epoch {epoch}: the loss of {int(not_finite)} step(s) is not finite "
+                    "though the gradients were; all ranks stopped together. Lower "
+                    "train.learning_rate, set train.grad_clip_norm, or look for extreme "
+                    "values in the shards"
+                )
             if t.batch_norm:
                 _average_batch_norm_statistics(model, world_size, device)
-            train_loss = float(loss_total[0] / max(loss_total[1], 1))
+            train_loss = loss_sum_all / max(rows_all, 1)
             events.at(epoch, steps, "validation")
             validation = _validate(spec, model, rank, world_size, device, events, epoch)
             if not math.isfinite(validation["validation_loss"]):
@@ -635,6 +655,17 @@ def _gradients_finite(model) -> bool:
 
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
+
+
+def _ranks_not_finite(local_loss: float, rank: int, world_size: int, device) -> list[int]:
+    """A collective, on a failing step only: the ranks whose own loss was not finite."""
+    import torch
+
+    flags = torch.zeros(world_size, dtype=torch.float64)
+    flags[rank] = 0.0 if math.isfinite(local_loss) else 1.0
+    flags = flags.to(device)
+    all_reduce(flags)
+    return [r for r in range(world_size) if flags[r] > 0]
 
 
 def _non_finite_message(
