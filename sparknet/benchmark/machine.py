@@ -155,8 +155,8 @@ def probe() -> dict:
     big = [(1024, 1024, 1024)]
     facts["torch_matmul_gflops_1_thread"] = torch_matmul_gflops(big, 1)
     facts["torch_matmul_gflops_all_threads"] = torch_matmul_gflops(big, facts["usable_cpus"])
-    # The step's small allreduce (per-rank loss and row counts: world_size + 2 float64);
-    # DDP's gradient allreduce is measured once the model's size is known (add_gradient).
+    # The latency of a tiny allreduce (8 float64), gloo's floor; DDP's gradient
+    # allreduce is measured once the model's size is known (add_gradient).
     latency = gloo_allreduce_seconds([8])
     facts["gloo_allreduce_s"] = {"8": latency[8]}
     facts["gloo_allreduce_small_s"] = latency[8]

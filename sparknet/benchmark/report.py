@@ -162,9 +162,9 @@ def markdown(report: dict) -> str:
         "",
         f"Streamed and in-memory runs ended with bitwise the same weights: "
         f"{_num(a['same_weights_streamed_and_in_memory'])}.",
-        f"Predicted 2-worker efficiency = step / (step + allreduces) = "
+        f"Predicted 2-worker efficiency = step / (step + gradient allreduce) = "
         f"{p['step_s_1_thread'] * 1e3:.2f} ms / ({p['step_s_1_thread'] * 1e3:.2f} + "
-        f"{p['allreduce_gradient_s'] * 1e3:.2f} + {p['allreduce_small_s'] * 1e3:.2f}) ms = "
+        f"{p['allreduce_gradient_s'] * 1e3:.2f}) ms = "
         f"{_num(b['predicted_efficiency'])}; measured {_num(b['efficiency']['median'])} "
         f"(in memory {_num(b['efficiency_in_memory']['median'])}).",
         "",
