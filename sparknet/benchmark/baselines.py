@@ -59,7 +59,15 @@ def distributor_train(
             loss.backward()
             optimizer.step()
     seconds = time.perf_counter() - started
-    dist.destroy_process_group()
+    # torch 2.13's gloo can abort the process at teardown ("terminate called without an
+    # active exception") while DDP still holds the process group; a plain
+    # destroy_process_group() did, once in our first quiet run. The train stage's own
+    # teardown (worker.py, NOTE [gloo teardown]) avoids it, and the comparison is of
+    # the data path, not of that bug: TorchDistributor's ranks get it too.
+    from sparknet.train.worker import shut_down
+
+    ddp = optimizer = model = None
+    shut_down(60.0)
     return {"rank": rank, "train_seconds": seconds, "rows": n}
 
 

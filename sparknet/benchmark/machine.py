@@ -170,3 +170,81 @@ def add_gradient(facts: dict, gradient_values: int) -> None:
     facts["gloo_allreduce_s"][str(gradient_values)] = latency
     facts["gloo_allreduce_gradient_s"] = latency
     facts["gradient_values"] = gradient_values
+
+
+def _plain_ddp_worker(
+    rank: int,
+    world: int,
+    independent: bool,
+    tmp: str,
+    shape: dict,
+    batch: int,
+    steps: int,
+) -> None:
+    """One rank of plain PyTorch: the same MLP shape, loss and optimizer as the train
+    stage, on random tensors already in memory; no Spark, no reader, no bookkeeping.
+    `independent`: each process trains alone (a world of one), at the same time as the
+    others."""
+    import torch
+    import torch.distributed as dist
+    from torch import nn
+    from torch.nn.parallel import DistributedDataParallel
+
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(1)
+    if independent:
+        store = dist.FileStore(os.path.join(tmp, f"store-{rank}"), 1)
+        dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    else:
+        store = dist.FileStore(os.path.join(tmp, "store"), world)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    width = shape["n_inputs"]
+    for hidden in shape["hidden"]:
+        layers += [nn.Linear(width, hidden), nn.ReLU(), nn.Dropout(shape.get("dropout", 0.0))]
+        width = hidden
+    layers.append(nn.Linear(width, 1))
+    model = DistributedDataParallel(nn.Sequential(*layers))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(rank)
+    x = torch.randn(64, batch, shape["n_inputs"], generator=gen)
+    y = (torch.rand(64, batch, generator=gen) < 0.25).float()
+    loss_fn = nn.BCEWithLogitsLoss()
+
+    def step(i: int) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(model(x[i % 64]).squeeze(1), y[i % 64]).backward()
+        optimizer.step()
+
+    for i in range(20):
+        step(i)
+    dist.barrier()
+    started = time.perf_counter()
+    for i in range(steps):
+        step(i)
+    dist.barrier()
+    seconds = time.perf_counter() - started
+    model = optimizer = None
+    dist.destroy_process_group()
+    Path(tmp, f"result-{rank}").write_text(repr(batch * steps / seconds))
+
+
+def plain_ddp_samples_per_s(
+    shape: dict, batch: int, processes: int, steps: int = 600, independent: bool = False
+) -> float:
+    """Samples/s of `processes` plain DDP processes together (gloo over loopback, one
+    thread each) on in-memory tensors: what PyTorch alone gets from this machine for the
+    model, the yardstick for b's efficiency. With `independent`, the processes do not
+    communicate: what the cores give two trainings at once."""
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory(prefix="sparknet-ddp-") as tmp:
+        mp.start_processes(
+            _plain_ddp_worker,
+            args=(processes, independent, tmp, shape, batch, steps),
+            nprocs=processes,
+            join=True,
+            start_method="spawn",
+        )
+        return sum(float(Path(tmp, f"result-{r}").read_text()) for r in range(processes))

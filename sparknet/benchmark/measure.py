@@ -220,6 +220,26 @@ def _tree_rss_bytes(pid: int) -> int:
     return total
 
 
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL to the child's session (its JVM) and to every process below it: PySpark's
+    daemon puts its Python workers in a process group of their own, and what they
+    start (TorchDistributor's torchrun) would outlive a kill of the session alone."""
+    import psutil
+
+    try:
+        below = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        below = []
+    os.killpg(proc.pid, 9)
+    for child in below:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+    psutil.wait_procs(below, timeout=10)
+
+
 def run_child(
     kind: str, params: dict, workdir: Path, timeout_s: float, memory_cap_mb: float | None = None
 ) -> dict:
@@ -261,9 +281,7 @@ def run_child(
                 elif memory_cap_mb and _tree_rss_bytes(proc.pid) > memory_cap_mb * 2**20:
                     why = f"stopped above the memory cap of {memory_cap_mb:.0f} MB"
                 if why:
-                    # The child's own session: its JVM and workers go with it.
-                    os.killpg(proc.pid, 9)
-                    proc.wait()
+                    _kill_tree(proc)
                     break
     wall = time.perf_counter() - started
     if code == 0 and out_path.exists():

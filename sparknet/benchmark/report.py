@@ -114,7 +114,8 @@ def markdown(report: dict) -> str:
                 _ratio_row(
                     f"c. sparknet / TorchDistributor end-to-end time, {label}",
                     part["sparknet_over_distributor_time"],
-                    f"{part['epochs']} epochs",
+                    f"{part['epochs']} epochs; TorchDistributor finished "
+                    f"{part.get('torch_distributor_rounds_finished', 'every')} rounds",
                 )
             )
             lines.append(
@@ -167,6 +168,7 @@ def markdown(report: dict) -> str:
         f"{p['allreduce_gradient_s'] * 1e3:.2f}) ms = "
         f"{_num(b['predicted_efficiency'])}; measured {_num(b['efficiency']['median'])} "
         f"(in memory {_num(b['efficiency_in_memory']['median'])}).",
+        *_plain_ddp_lines(b.get("plain_ddp")),
         "",
         "### c: against TorchDistributor + toPandas",
         "",
@@ -282,3 +284,40 @@ def markdown(report: dict) -> str:
                  for run, r in readers for i, e in enumerate(r["epochs"])],
             )  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def _plain_ddp_lines(plain: dict | None) -> list[str]:
+    """b's yardstick: plain PyTorch DDP on in-memory tensors, no Spark."""
+    if not plain:
+        return []
+    lines = [
+        "",
+        "Plain PyTorch DDP, the same layers on in-memory tensors, no Spark (2 processes "
+        "over 2 × 1 process; 2 independent processes at once over 2 × 1):",
+        "",
+    ]
+    rows = []
+    for batch, r in plain["by_batch"].items():
+        sps = r["samples_per_s"]
+        rows.append(
+            [
+                batch,
+                sps["one"]["median"],
+                sps["two"]["median"],
+                sps["two_independent"]["median"],
+                f"{_num(r['efficiency']['median'])} "
+                f"({_num(r['efficiency']['min'])}-{_num(r['efficiency']['max'])})",
+                _num(r["independent_efficiency"]["median"]),
+            ]
+        )
+    return lines + _table(
+        [
+            "batch",
+            "1 process samples/s",
+            "2 DDP processes",
+            "2 independent",
+            "DDP efficiency",
+            "independent",
+        ],
+        rows,
+    )

@@ -55,6 +55,8 @@ class Sizes:
     # this much memory (all their processes together), and count as not finished.
     pandas_memory_cap_mb: float = 12_000
     timeout_s: float = 3600
+    distributor_timeout_s: float = 900  # c: one TorchDistributor run (see distributor())
+    plain_ddp_samples: int = 300_000  # b's plain PyTorch yardstick: samples per measurement
     profile: bool = True  # py-spy on the ranks of a and b (docs/benchmarks.md)
     hgb_max_iter: int = 100  # d: HistGradientBoostingClassifier's boosting rounds (its default)
     spark_conf: dict = field(default_factory=lambda: {"spark.ui.enabled": "false"})
@@ -76,6 +78,7 @@ SMOKE = Sizes(
     profile=False,
     hgb_max_iter=10,
     spark_conf={"spark.ui.enabled": "false", "spark.sql.shuffle.partitions": "2"},
+    plain_ddp_samples=20_000,
 )
 
 
@@ -98,10 +101,11 @@ class Benchmark:
             base["shard"] = {"rows_per_row_group": self.sizes.rows_per_row_group}
         return merged(base, more or {})
 
-    def child(self, kind: str, params: dict, **kwargs) -> dict:
+    def child(self, kind: str, params: dict, timeout_s: float | None = None, **kwargs) -> dict:
         params = {"config": self.config_path, **params}
         params["overrides"] = self.overrides(params.get("overrides"))
-        result = run_child(kind, params, self.work, self.sizes.timeout_s, **kwargs)
+        timeout_s = min(timeout_s or self.sizes.timeout_s, self.sizes.timeout_s)
+        result = run_child(kind, params, self.work, timeout_s, **kwargs)
         if not result.get("ok") and kind not in ("pandas_preprocess", "distributor"):
             raise RuntimeError(f"benchmark child {kind} failed: {result.get('log_tail')}")
         return result
@@ -290,6 +294,45 @@ class Benchmark:
             },
         }
 
+    def plain_ddp(self) -> None:
+        """b's yardstick: the same MLP in plain PyTorch DDP processes on in-memory
+        tensors, no Spark: 1 process, 2 processes, and 2 independent processes at once
+        (no allreduce), at the config's batch size and at 4 times it; interleaved."""
+        set_stage("b plain DDP")
+        m = self.results["machine"]["model"]
+        shape = {
+            "n_inputs": m["n_inputs"],
+            "hidden": m["hidden"],
+            "dropout": float(self.config["train"].get("dropout", 0.0)),
+        }
+        out: dict = {}
+        for batch in (m["batch_size"], 4 * m["batch_size"]):
+            steps = max(20, self.sizes.plain_ddp_samples // batch)
+
+            def run(processes: int, independent: bool = False, batch=batch, steps=steps):
+                return lambda r: {
+                    "samples_per_s": machine.plain_ddp_samples_per_s(
+                        shape, batch, processes, steps, independent
+                    )
+                }
+
+            runs = interleave(
+                {"one": run(1), "two": run(2), "two_independent": run(2, True)},
+                self.sizes.train_rounds,
+                f"b plain DDP, batch {batch}",
+            )
+            sps = {name: [r["samples_per_s"] for r in rs] for name, rs in runs.items()}
+            efficiency = [t / (2 * o) for t, o in zip(sps["two"], sps["one"], strict=True)]
+            independent = [
+                t / (2 * o) for t, o in zip(sps["two_independent"], sps["one"], strict=True)
+            ]
+            out[str(batch)] = {
+                "samples_per_s": {name: spread(values) for name, values in sps.items()},
+                "efficiency": {"per_round": efficiency, **spread(efficiency)},
+                "independent_efficiency": {"per_round": independent, **spread(independent)},
+            }
+        self.results["b"]["plain_ddp"] = {"shape": shape, "by_batch": out}
+
     def profiles(self) -> None:
         """py-spy on every rank of one streamed and one in-memory run with 1 worker and
         one streamed run with 2: where the time of a and b goes (profile.py)."""
@@ -337,28 +380,43 @@ class Benchmark:
                 "distributor",
                 {"shards_from": str(base), "overrides": {"train": {"epochs": epochs}}},
                 # toPandas of the largest scale would not fit in this machine's memory
-                # beside the OS: stopped at the cap, it counts as not finished.
+                # beside the OS: stopped at the cap, it counts as not finished. A rank
+                # that dies can leave TorchDistributor's barrier stage waiting for good:
+                # that ends at its own timeout.
                 memory_cap_mb=self.sizes.pandas_memory_cap_mb,
+                timeout_s=self.sizes.distributor_timeout_s,
             )
 
         results = interleave(
             {"sparknet": sparknet, "torch_distributor": torch_distributor}, rounds, f"c {label}"
         )
-        finished = all(r.get("ok") for r in results["torch_distributor"])
+        # Ratios pair the rounds TorchDistributor finished; the others are listed with
+        # their error (a crash, a timeout, the memory cap), not dropped.
+        pairs = [
+            (ours, theirs)
+            for ours, theirs in zip(results["sparknet"], results["torch_distributor"], strict=True)
+            if theirs.get("ok")
+        ]
         summary = {
             "epochs": epochs,
             "sparknet": results["sparknet"],
             "torch_distributor": results["torch_distributor"],
-            "torch_distributor_finished": finished,
+            "torch_distributor_finished": bool(pairs),
+            "torch_distributor_rounds_finished": f"{len(pairs)} of {rounds}",
+            "torch_distributor_failures": [
+                {"round": r, "error": theirs.get("error"), "log_tail": theirs.get("log_tail")}
+                for r, theirs in enumerate(results["torch_distributor"])
+                if not theirs.get("ok")
+            ],
         }
-        if finished:
+        if pairs:
             summary["sparknet_over_distributor_time"] = ratios(
-                [r["process_wall_s"] for r in results["sparknet"]],
-                [r["process_wall_s"] for r in results["torch_distributor"]],
+                [ours["process_wall_s"] for ours, _ in pairs],
+                [theirs["process_wall_s"] for _, theirs in pairs],
             )
             summary[LARGEST_PROCESS_RATIO] = ratios(
-                [r["memory"]["largest_process_mb"] for r in results["sparknet"]],
-                [r["memory"]["largest_process_mb"] for r in results["torch_distributor"]],
+                [ours["memory"]["largest_process_mb"] for ours, _ in pairs],
+                [theirs["memory"]["largest_process_mb"] for _, theirs in pairs],
             )
         return summary
 
@@ -594,6 +652,7 @@ class Benchmark:
             ("model", self.model_section),
             ("a+b", self.reader_and_scaling),
             ("g", self.physical_limit),
+            ("b plain DDP", self.plain_ddp),
             ("profile", self.profiles if self.sizes.profile else None),
             ("c", self.c_base),
             ("d", self.learners),
