@@ -529,11 +529,13 @@ def clean(spark: SparkSession, config: Config, run_dir: RunDir) -> dict:
         raw = read_raw(spark, name, src, path)  # checks that the input exists first
         unconfigured = _check_json_fields(spark, name, src, path) if src.format == "json" else {}
         is_main = name == config.main
+        # On disk only: its partitions come out of a shuffle and grow with the data (see
+        # shard.with_dense_ids); cached in memory they can run the JVM out of heap.
         classified = classify(
             raw,
             src,
             label=config.label if is_main else None,
-        ).persist(StorageLevel.MEMORY_AND_DISK)
+        ).persist(StorageLevel.DISK_ONLY)
         persisted.append(classified)
 
         try:

@@ -48,11 +48,14 @@ def with_dense_ids(df: DataFrame, order: list) -> DataFrame:
     per-partition counts give each partition its offset."""
     # Persisted so that the counts and the ids come from the same partitioning: a
     # recomputed sort may be split differently (adaptive execution coalesces partitions).
+    # On disk only: it is read twice, and cached in memory (serialized, as PySpark's
+    # levels are) a sorted partition of the 10x benchmark data ran the 4 GB local[2]
+    # JVM out of heap while its columnar batches were built.
     ordered = (
         df.orderBy(*order)
         .withColumn("_partition", F.spark_partition_id())
         .withColumn("_mono", F.monotonically_increasing_id())
-        .persist(StorageLevel.MEMORY_AND_DISK)
+        .persist(StorageLevel.DISK_ONLY)
     )
     counts = dict(ordered.groupBy("_partition").count().collect())
     offsets, running = {}, 0

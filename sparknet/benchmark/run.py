@@ -43,7 +43,7 @@ class Sizes:
     base_scale: float | None = None
     train_rounds: int = 5  # a, b: rounds of every variant
     train_epochs: int = 2
-    distributor_rounds: int = 3  # c
+    distributor_rounds: int = 5  # c: a pair takes under a minute at 1x, so at least 5
     distributor_epochs: int = 2
     preprocess_rounds: int = 2  # e at the base size
     # d: L-BFGS iterations; each is a pass over the train split (~10 s here at 1x)
