@@ -215,7 +215,11 @@ def binary_auc(scores: np.ndarray, labels: np.ndarray) -> float:
     positive class's probability (logits avoid the ties float32 sigmoid makes near 0 and
     1); `labels` (n,) 0/1. NaN, not an error, when either class is absent or a score is
     NaN: an epoch's metric is then undefined, and a NaN never counts as an improvement."""
-    scores = np.asarray(scores, dtype=np.float64).ravel()
+    scores = np.asarray(scores).ravel()
+    if scores.dtype.kind != "f":
+        scores = scores.astype(np.float64)
+    # float32 scores stay float32: validation gathers every score on every rank, so the
+    # bytes per row here are the memory a rank needs beyond its streaming (benchmark f).
     labels = np.asarray(labels).ravel()
     if scores.shape != labels.shape:
         raise ValueError(f"binary_auc: {scores.size} scores but {labels.size} labels")
@@ -231,13 +235,15 @@ def binary_auc(scores: np.ndarray, labels: np.ndarray) -> float:
     # which is what makes a positive-negative tie count half.
     order = np.argsort(scores, kind="stable")
     ordered = scores[order]
+    positive_in_order = positive[order]
+    del order
     starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+    del ordered
     ends = np.r_[starts[1:], scores.size]
-    run = np.repeat(np.arange(starts.size), ends - starts)
-    ranks = np.empty(scores.size)
-    ranks[order] = ((starts + 1 + ends) / 2.0)[run]
+    mean_rank = (starts + 1 + ends) / 2.0
+    run = np.repeat(np.arange(starts.size), ends - starts)[positive_in_order]
 
     # Mann-Whitney: the positives' rank sum less its least possible value counts the
     # (positive, negative) pairs ordered correctly.
-    pairs_won = ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0
+    pairs_won = mean_rank[run].sum() - n_pos * (n_pos + 1) / 2.0
     return float(pairs_won / (n_pos * n_neg))

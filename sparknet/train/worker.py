@@ -786,7 +786,8 @@ def _validate(spec: TaskSpec, model, rank: int, world_size: int, device, events,
         )
         for index, (_, x, y) in enumerate(batches):
             events.at(epoch, index, "validation")
-            output = model(torch.from_numpy(x).to(device)).cpu().double()
+            raw = model(torch.from_numpy(x).to(device)).cpu()
+            output = raw.double()
             target = torch.from_numpy(y).double()
             loss = task_loss(model_spec, output, target, reduction="sum")
             predicted = predict(model_spec, output)
@@ -797,8 +798,11 @@ def _validate(spec: TaskSpec, model, rank: int, world_size: int, device, events,
             else:
                 # The logit's sign, not sigmoid > 0.5, which rounds tiny logits to 0.5.
                 quality = ((output.squeeze(1) > 0).double() == target).sum()
-                scores.append(output.squeeze(1))
-                labels.append(target)
+                # The network's own float32 logits and 1-byte labels: every rank
+                # gathers all of them for the AUC, so they are what validation holds
+                # per row (float64 copies cost 3 times the memory, benchmark f).
+                scores.append(raw.squeeze(1))
+                labels.append(torch.from_numpy(y).to(torch.uint8))
             sums += torch.tensor([loss.item(), quality.item(), len(y)], dtype=torch.float64)
     events.at(epoch, -1, "allreduce")
     sums = sums.to(device)
@@ -819,12 +823,12 @@ def _validate(spec: TaskSpec, model, rank: int, world_size: int, device, events,
 
 
 def _gather(values, plan, world_size: int, device):
-    """Every rank's 1-d float64 `values`, concatenated in rank order; the plan says how
-    many each rank holds, so only the padded tensors travel."""
+    """Every rank's 1-d `values`, concatenated in rank order; the plan says how many
+    each rank holds, so only the padded tensors travel."""
     import torch
 
     sizes = [plan.rank_rows(r) for r in range(world_size)]
-    padded = torch.zeros(max(sizes), dtype=torch.float64)
+    padded = torch.zeros(max(sizes), dtype=values.dtype)
     padded[: len(values)] = values
     parts = _gather_equal(padded, world_size, device)
     return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)])
