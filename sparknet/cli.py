@@ -12,8 +12,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import logging
+import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from py4j.protocol import Py4JJavaError
 from pyspark.errors.exceptions.captured import CapturedException
@@ -97,6 +99,9 @@ def main(stages: Sequence[str], argv: Sequence[str] | None = None) -> int:
                 f"run directory {run_dir.root} does not exist; stage {stages[0]} reads the "
                 "outputs of the stages before it there"
             )
+        # Released by guarded() after Spark has stopped: a failed stage's tasks may
+        # write into its staging folder until then.
+        sessions.append(run_dir.lock(" ".join([Path(sys.argv[0]).name, *sys.argv[1:]])))
         save_config(run_dir, config)
         log.info(
             "config %s%s (effective config in %s), run directory %s",
@@ -107,14 +112,17 @@ def main(stages: Sequence[str], argv: Sequence[str] | None = None) -> int:
         )
         log.info("stack: %s", ", ".join(f"{k} {v}" for k, v in stack_report().items()))
 
+        started_spark: list = []
+
         def spark():
             # Started for the first stage that needs it: a run whose stages are all up
             # to date does not wait for Spark.
-            if not sessions:
+            if not started_spark:
                 from sparknet.session import spark_session
 
-                sessions.append(spark_session(config, args.master))
-            return sessions[0]
+                started_spark.append(spark_session(config, args.master))
+                sessions.append(started_spark[0])
+            return started_spark[0]
 
         started = time.perf_counter()
         run_stages(STAGES, stages, config, run_dir, spark, args.force)
@@ -201,7 +209,8 @@ def run_stages(
 
 def guarded(body: Callable[[list], None]) -> int:
     """Runs a job's body and turns its failure into an exit code and one log line; stops
-    the Spark sessions the body appended to its argument."""
+    what the body appended to its argument (Spark sessions, a run directory's lock: each
+    has `stop()`), the last appended first."""
     sessions: list = []
     try:
         body(sessions)
@@ -226,7 +235,7 @@ def guarded(body: Callable[[list], None]) -> int:
         log.debug("Spark failure", exc_info=True)
         return 1
     finally:
-        for spark in sessions:
+        for spark in reversed(sessions):
             try:
                 spark.stop()
             except Exception:  # the gateway may be gone after an interrupt

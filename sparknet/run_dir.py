@@ -27,6 +27,7 @@ run alone given the folder the previous stages wrote.
       timings.json         the command line: seconds per stage, from each stage's last run
       _status/<stage>.json the command line: written last when a stage commits
       _staging/<stage>/    the command line: where a running stage writes its outputs
+      _lock                the command line: held by the command running here (who)
 
 Run through the command line (sparknet/status.py), a stage writes its outputs under
 _staging/<stage>/ (a RunDir `staged` for it maps them there and everything else to the
@@ -46,6 +47,7 @@ from sparknet.errors import RunDirError
 
 SPLITS = ("train", "validation", "test")
 STATUS_DIR = "_status"
+LOCK_FILE = "_lock"
 STAGING_DIR = "_staging"
 
 # What each stage writes, relative to the run directory. ingest's raw/ is merged file
@@ -226,6 +228,11 @@ class RunDir:
             else:
                 path.unlink(missing_ok=True)
 
+    def lock(self, command: str) -> RunDirLock:
+        """Held by one command at a time (see RunDirLock); raises RunDirError naming the
+        command that holds it."""
+        return RunDirLock.take(self.root / LOCK_FILE, command)
+
     def require(self, path: Path, stage: str) -> Path:
         """Fails with the stage to run first when an input is missing."""
         if not path.exists():
@@ -234,6 +241,54 @@ class RunDir:
                 f"(jobs/{stage}.py --config CONFIG --run-dir {self.root})"
             )
         return path
+
+
+class RunDirLock:
+    """An exclusive flock on <run-dir>/_lock for as long as a command runs there. Two
+    commands in one run directory (a scheduler's retry while the first try still runs, a
+    second terminal) would recompute the same stage into the same staging folder and
+    commit each other's half-written outputs; the second one is refused instead. The
+    kernel drops the lock when the holder exits, however it dies, so it never goes
+    stale; the file keeps who took it last, for the message. A lock needs a filesystem
+    that honours flock across hosts (a local disk, NFSv4, Lustre; not every FUSE mount):
+    where it does not, it only guards one host."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path, self._fd = path, fd
+
+    @classmethod
+    def take(cls, path: Path, command: str) -> RunDirLock:
+        import datetime
+        import fcntl
+        import socket
+
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+            os.close(fd)
+            raise RunDirError(
+                f"run directory {path.parent} is in use by another command "
+                f"({holder or 'no details recorded'}); wait for it to end, or stop it, "
+                "then run this again: two commands in one run directory would overwrite "
+                "each other's stages"
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+        who = f"pid {os.getpid()} on {socket.gethostname()} since {now}: {command}"
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (who + "\n").encode(), 0)
+        return cls(path, fd)
+
+    def stop(self) -> None:
+        """Releases it; named like SparkSession.stop, which the command line calls on
+        both."""
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -84,3 +84,46 @@ def test_ctrl_c_ends_the_job_with_one_line_and_exit_130(tmp_path, flights_sample
     # Interrupted, the stage committed nothing: no status for a later stage to trust.
     assert not run_dir.status("clean").exists()
     assert "Traceback (most recent call last)" not in log
+
+
+HOLD_LOCK = """
+import sys, time
+from sparknet.run_dir import RunDir
+RunDir.at(sys.argv[1]).lock("jobs/pipeline.py --config first.yaml")
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_second_command_in_a_busy_run_dir_is_refused_and_the_lock_dies_with_its_holder(
+    tmp_path,
+):
+    run_dir = RunDir.at(tmp_path / "run")
+    run_dir.root.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(run_dir.root)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code, log = run_job(
+            "jobs/shard.py", "--config", "conf/flights.yaml", "--run-dir", str(run_dir.root)
+        )
+        assert code == 2, log[-3000:]
+        last = sparknet_lines(log)[-1]
+        busy = f"run directory {run_dir.root} is in use by another command (pid {holder.pid} "
+        assert busy in last
+        assert "jobs/pipeline.py --config first.yaml" in last
+        assert "Traceback" not in log
+        # Refused before anything was written: not even the effective config.
+        assert sorted(p.name for p in run_dir.root.iterdir()) == ["_lock"]
+    finally:
+        holder.kill()  # SIGKILL: no cleanup runs, the kernel drops the flock
+        holder.wait(timeout=30)
+    lock = run_dir.lock("test")
+    try:
+        assert f"pid {os.getpid()} " in (run_dir.root / "_lock").read_text()
+    finally:
+        lock.stop()
