@@ -35,8 +35,8 @@ log = logging.getLogger("sparknet.benchmark")
 
 @dataclass(frozen=True)
 class Sizes:
-    """How much of everything a run does. The full run is sized for about 40 minutes on
-    2 quiet cores without the 30x scale (see docs/benchmarks.md for what each costs)."""
+    """How much of everything a run does. The full run took 49 minutes of sections on 2
+    quiet cores with --scales 1,10,30, 31 of them in f (docs/benchmarks.md)."""
 
     # Scale of the data that sections a-e use: None is the real flights (ingested);
     # a number is generated data of that multiple (smoke).
