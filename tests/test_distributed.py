@@ -5,7 +5,8 @@
 - a short last step is weighted by rows, not averaged per rank (and the test could tell);
 - a rank that raises, exits, stalls or produces NaN ends the whole job within a bound,
   and the driver says which rank, where, and why; no training process is left behind;
-- two training runs at once on one machine, with port 29500 taken, both succeed.
+- two training runs at once on one machine, with port 29500 taken, both succeed;
+- the rendezvous store listens on the task's own address, not on every interface.
 """
 
 import os
@@ -243,6 +244,48 @@ def test_two_runs_at_once_with_port_29500_taken(tmp_path):
         assert run.returncode == 0, output[-3000:]
     digests = [read_json(r.train_report)["weights_digest"] for r in run_dirs]
     assert digests[0] != digests[1]  # different data: two real, separate trainings
+
+
+def test_the_rendezvous_store_listens_only_on_the_task_address():
+    """torch's TCPStore binds every interface when it opens the port itself; rank 0
+    hands it a socket bound to the address Spark reported (worker.bind_listener)."""
+    import datetime
+
+    import psutil
+    import torch.distributed as dist
+
+    from sparknet.train.worker import bind_listener
+
+    listener = bind_listener("127.0.0.1")
+    port = listener.getsockname()[1]
+    store = dist.TCPStore(
+        "127.0.0.1",
+        port,
+        2,
+        is_master=True,
+        timeout=datetime.timedelta(seconds=20),
+        wait_for_workers=False,
+        master_listen_fd=listener.detach(),
+    )
+    client = dist.TCPStore(
+        "127.0.0.1", port, 2, is_master=False, timeout=datetime.timedelta(seconds=20)
+    )
+    client.set("rank1", "here")
+    assert store.get("rank1") == b"here"
+    listening = [
+        c.laddr.ip
+        for c in psutil.Process().net_connections(kind="inet")
+        if c.status == psutil.CONN_LISTEN and c.laddr.port == port
+    ]
+    assert listening == ["127.0.0.1"]
+    del client, store
+
+
+def test_an_unresolvable_rendezvous_address_is_named():
+    from sparknet.train.worker import bind_listener
+
+    with pytest.raises(TrainingError, match=r"'no-such-host\.invalid'.*does not resolve"):
+        bind_listener("no-such-host.invalid")
 
 
 class FakeContext:

@@ -77,6 +77,28 @@ def is_loopback(host: str) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.")
 
 
+def bind_listener(host: str) -> socket.socket:
+    """A listening socket on a free port of `host`'s first address: the port the
+    clients will dial, on no other interface."""
+    try:
+        infos = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise TrainingError(
+            f"the rendezvous address {host!r}, which Spark reported for barrier task 0, "
+            f"does not resolve on that task's machine: {exc}"
+        ) from exc
+    family, _, _, _, address = infos[0]
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(address)
+        listener.listen(socket.SOMAXCONN)
+    except OSError as exc:
+        listener.close()
+        raise TrainingError(f"cannot listen on {host} ({address[0]}) for the rendezvous: {exc}") from exc
+    return listener
+
+
 def choose_backend(device: str):
     import torch
 
@@ -102,10 +124,20 @@ def init_process_group(context, backend: str, timeout_s: float) -> tuple[int, in
 
     store = None
     if rank == 0:
+        # torch's TCPStore server listens on every interface when it binds the port
+        # itself; handing it a socket bound to the address Spark reported for this task
+        # keeps it there (loopback in local mode). The store owns and closes the socket.
+        listener = bind_listener(master_addr)
+        port = listener.getsockname()[1]
         store = dist.TCPStore(
-            master_addr, 0, world_size, is_master=True, timeout=timeout, wait_for_workers=False
+            master_addr,
+            port,
+            world_size,
+            is_master=True,
+            timeout=timeout,
+            wait_for_workers=False,
+            master_listen_fd=listener.detach(),
         )
-        port = store.port
     else:
         port = 0
     ports = context.allGather(str(port))
