@@ -1,7 +1,7 @@
 """Score raw rows with a run's artifact; writes scores/, rejects/ and summary.json.
 
 python jobs/predict.py --config conf/flights.yaml --run-dir DIR --input PATH \
-    [--format csv|parquet|json] --output OUT
+    [--format csv|parquet|json] --output OUT [--set KEY=VALUE ...] [--log-level LEVEL]
 """
 
 import sys

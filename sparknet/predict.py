@@ -44,6 +44,7 @@ from sparknet.errors import DataError, RunDirError
 from sparknet.evaluate import output_column
 from sparknet.export import CARD, CONFIG, digest, required_columns, scoring_section
 from sparknet.features import FEATURES, pipeline_inputs, with_derived
+from sparknet.logs import LEVELS
 from sparknet.run_dir import RunDir, read_json, write_json
 from sparknet.train.model import ModelSpec, load_model_files
 
@@ -334,7 +335,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--output", required=True, help="folder for scores/, rejects/ and summary.json"
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key as the other jobs do (repeatable); keys that decide "
+        "how a row is scored must still match the run's",
+    )
     parser.add_argument("--master", help="Spark master when not launched by spark-submit")
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=LEVELS,
+        help="sparknet's log level (Spark's own is the config's spark.log_level)",
+    )
     return parser.parse_args(argv)
 
 
@@ -345,10 +360,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from sparknet.session import spark_session
 
     args = parse_args(argv)
-    setup_logging()
+    setup_logging(args.log_level)
 
     def body(sessions: list) -> None:
-        config = load_config(args.config)
+        config = load_config(args.config, args.set)
         run_dir = RunDir.at(args.run_dir)
         spark = spark_session(config, args.master)
         sessions.append(spark)

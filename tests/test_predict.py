@@ -77,6 +77,22 @@ def test_predict_reproduces_evaluate_row_by_row(spark, run, evaluated, test_spli
     np.testing.assert_array_equal(both["predicted_late"], both["probability_predict"] >= 0.5)
 
 
+def predict_job(run, input_path, output) -> list[str]:
+    run_dir, config = run
+    return [
+        sys.executable,
+        "jobs/predict.py",
+        "--config",
+        str(config.path),
+        "--run-dir",
+        str(run_dir.root),
+        "--input",
+        str(input_path),
+        "--output",
+        str(output),
+    ]
+
+
 def test_predict_job_scores_files_and_rejects_bad_rows(run, evaluated, test_split_raw, tmp_path):
     run_dir, config = run
     key = list(config.split.key)
@@ -95,20 +111,7 @@ def test_predict_job_scores_files_and_rejects_bad_rows(run, evaluated, test_spli
         fh.write("2013,1,1,517\n")  # a cut-off line: too few fields
 
     out = tmp_path / "scored"
-    code, log = run_job(
-        [
-            sys.executable,
-            "jobs/predict.py",
-            "--config",
-            str(config.path),
-            "--run-dir",
-            str(run_dir.root),
-            "--input",
-            str(input_csv),
-            "--output",
-            str(out),
-        ]
-    )
+    code, log = run_job(predict_job(run, input_csv, out))
     assert code == 0, log[-5000:]
     summary = read_json(out / "summary.json")
     assert summary["rows_in"] == len(rows) + 3
@@ -132,6 +135,21 @@ def test_predict_job_scores_files_and_rejects_bad_rows(run, evaluated, test_spli
     both = joined_with_evaluate(evaluated, scored, key)
     assert len(both) == len(rows)
     assert np.abs(both["probability_evaluate"] - both["probability_predict"]).max() <= TOLERANCE
+
+
+def test_predict_job_applies_set_and_refuses_a_different_scoring_config(run, tmp_path):
+    """--set reaches the config predict scores with: a Spark setting is accepted, a
+    changed split (a key that decides how a row is scored) is refused by name."""
+    run_dir, _ = run
+    base = predict_job(run, run_dir.raw, tmp_path / "scored")
+    base += ["--set", "spark.conf.spark.sql.shuffle.partitions=3"]
+    code, log = run_job([*base, "--set", "split.seed=14"])
+    assert code != 0
+    assert "differs from the one" in log and "['split']" in log, log[-3000:]
+    assert not (tmp_path / "scored").exists()
+
+    code, log = run_job([*base, "--set", "split.sed=14"])
+    assert code != 0 and "split.sed" in log, log[-3000:]
 
 
 def test_missing_column_is_named(spark, run, test_split_raw):
