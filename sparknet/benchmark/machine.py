@@ -177,18 +177,19 @@ def _plain_ddp_worker(
     world: int,
     independent: bool,
     tmp: str,
-    shape: dict,
+    spec: dict,
     batch: int,
     steps: int,
 ) -> None:
-    """One rank of plain PyTorch: the same MLP shape, loss and optimizer as the train
-    stage, on random tensors already in memory; no Spark, no reader, no bookkeeping.
-    `independent`: each process trains alone (a world of one), at the same time as the
-    others."""
+    """One rank of plain PyTorch: the train stage's network and loss (build_mlp and
+    task_loss of the ModelSpec fields `spec`) with Adam, on random tensors already in
+    memory; no Spark, no reader, no bookkeeping. `independent`: each process trains
+    alone (a world of one), at the same time as the others."""
     import torch
     import torch.distributed as dist
-    from torch import nn
     from torch.nn.parallel import DistributedDataParallel
+
+    from sparknet.train.model import ModelSpec, build_mlp, task_loss
 
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
@@ -199,22 +200,16 @@ def _plain_ddp_worker(
         store = dist.FileStore(os.path.join(tmp, "store"), world)
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
     torch.manual_seed(0)
-    layers: list[nn.Module] = []
-    width = shape["n_inputs"]
-    for hidden in shape["hidden"]:
-        layers += [nn.Linear(width, hidden), nn.ReLU(), nn.Dropout(shape.get("dropout", 0.0))]
-        width = hidden
-    layers.append(nn.Linear(width, 1))
-    model = DistributedDataParallel(nn.Sequential(*layers))
+    model_spec = ModelSpec(**spec)
+    model = DistributedDataParallel(build_mlp(model_spec))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(rank)
-    x = torch.randn(64, batch, shape["n_inputs"], generator=gen)
+    x = torch.randn(64, batch, model_spec.n_inputs, generator=gen)
     y = (torch.rand(64, batch, generator=gen) < 0.25).float()
-    loss_fn = nn.BCEWithLogitsLoss()
 
     def step(i: int) -> None:
         optimizer.zero_grad(set_to_none=True)
-        loss_fn(model(x[i % 64]).squeeze(1), y[i % 64]).backward()
+        task_loss(model_spec, model(x[i % 64]), y[i % 64]).backward()
         optimizer.step()
 
     for i in range(20):
@@ -231,7 +226,7 @@ def _plain_ddp_worker(
 
 
 def plain_ddp_samples_per_s(
-    shape: dict, batch: int, processes: int, steps: int = 600, independent: bool = False
+    spec: dict, batch: int, processes: int, steps: int = 600, independent: bool = False
 ) -> float:
     """Samples/s of `processes` plain DDP processes together (gloo over loopback, one
     thread each) on in-memory tensors: what PyTorch alone gets from this machine for the
@@ -242,7 +237,7 @@ def plain_ddp_samples_per_s(
     with tempfile.TemporaryDirectory(prefix="sparknet-ddp-") as tmp:
         mp.start_processes(
             _plain_ddp_worker,
-            args=(processes, independent, tmp, shape, batch, steps),
+            args=(processes, independent, tmp, spec, batch, steps),
             nprocs=processes,
             join=True,
             start_method="spawn",

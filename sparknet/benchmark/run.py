@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from sparknet.benchmark import machine
-from sparknet.benchmark.child import merged
+from sparknet.benchmark.child import load, merged, model_spec, shard_columns
 from sparknet.benchmark.generate import generate
 from sparknet.benchmark.measure import interleave, ratios, run_child, spread
 from sparknet.benchmark.report import markdown
@@ -300,11 +300,8 @@ class Benchmark:
         (no allreduce), at the config's batch size and at 4 times it; interleaved."""
         set_stage("b plain DDP")
         m = self.results["machine"]["model"]
-        shape = {
-            "n_inputs": m["n_inputs"],
-            "hidden": m["hidden"],
-            "dropout": float(self.config["train"].get("dropout", 0.0)),
-        }
+        config = load({"config": self.config_path, "overrides": self.overrides()})
+        spec = model_spec(config, shard_columns(self.base))
         out: dict = {}
         for batch in (m["batch_size"], 4 * m["batch_size"]):
             steps = max(20, self.sizes.plain_ddp_samples // batch)
@@ -312,7 +309,7 @@ class Benchmark:
             def run(processes: int, independent: bool = False, batch=batch, steps=steps):
                 return lambda r: {
                     "samples_per_s": machine.plain_ddp_samples_per_s(
-                        shape, batch, processes, steps, independent
+                        spec, batch, processes, steps, independent
                     )
                 }
 
@@ -331,7 +328,7 @@ class Benchmark:
                 "efficiency": {"per_round": efficiency, **spread(efficiency)},
                 "independent_efficiency": {"per_round": independent, **spread(independent)},
             }
-        self.results["b"]["plain_ddp"] = {"shape": shape, "by_batch": out}
+        self.results["b"]["plain_ddp"] = {"model": spec, "by_batch": out}
 
     def profiles(self) -> None:
         """py-spy on every rank of one streamed and one in-memory run with 1 worker and
