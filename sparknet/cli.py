@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import logging
 import sys
 import time
@@ -30,6 +31,28 @@ from sparknet.stack import stack_report
 log = logging.getLogger(__name__)
 
 
+def add_common_options(parser: argparse.ArgumentParser, set_note: str = "") -> None:
+    """--set, --master and --log-level, the same in every job (jobs/predict.py too)."""
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.epochs=3 or --set 'train.hidden=[64, 32]' "
+        "(repeatable; the value is read as YAML)" + set_note,
+    )
+    parser.add_argument(
+        "--master",
+        help="Spark master when not launched by spark-submit (default: the config's spark.master)",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=LEVELS,
+        help="sparknet's log level (Spark's own is the config's spark.log_level)",
+    )
+
+
 def parse_args(stages: Sequence[str], argv: Sequence[str] | None) -> argparse.Namespace:
     whole = len(stages) > 1
     parser = argparse.ArgumentParser(
@@ -44,30 +67,13 @@ def parse_args(stages: Sequence[str], argv: Sequence[str] | None) -> argparse.Na
         + (" (default: runs/<config name>-<UTC time>)" if whole else ""),
     )
     parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set train.epochs=3 or --set 'train.hidden=[64, 32]' "
-        "(repeatable; the value is read as YAML)",
-    )
-    parser.add_argument(
         "--force",
         nargs="*",
         metavar="STAGE",
         help="recompute these stages (default: every stage this job runs) even when their "
         "outputs are up to date",
     )
-    parser.add_argument(
-        "--master",
-        help="Spark master when not launched by spark-submit (default: the config's spark.master)",
-    )
-    parser.add_argument(
-        "--log-level",
-        default="INFO",
-        choices=LEVELS,
-        help="sparknet's log level (Spark's own is the config's spark.log_level)",
-    )
+    add_common_options(parser)
     args = parser.parse_args(argv)
     if args.force is not None:
         unknown = [s for s in args.force if s not in stages]
@@ -112,17 +118,15 @@ def main(stages: Sequence[str], argv: Sequence[str] | None = None) -> int:
         )
         log.info("stack: %s", ", ".join(f"{k} {v}" for k, v in stack_report().items()))
 
-        started_spark: list = []
-
+        @functools.cache
         def spark():
             # Started for the first stage that needs it: a run whose stages are all up
             # to date does not wait for Spark.
-            if not started_spark:
-                from sparknet.session import spark_session
+            from sparknet.session import spark_session
 
-                started_spark.append(spark_session(config, args.master))
-                sessions.append(started_spark[0])
-            return started_spark[0]
+            session = spark_session(config, args.master)
+            sessions.append(session)
+            return session
 
         started = time.perf_counter()
         run_stages(STAGES, stages, config, run_dir, spark, args.force)

@@ -44,7 +44,6 @@ from sparknet.errors import DataError, RunDirError
 from sparknet.evaluate import output_column
 from sparknet.export import CARD, CONFIG, digest, required_columns, scoring_section
 from sparknet.features import FEATURES, pipeline_inputs, with_derived
-from sparknet.logs import LEVELS
 from sparknet.run_dir import RunDir, read_json, write_json
 from sparknet.train.model import ModelSpec, load_model_files
 
@@ -323,6 +322,8 @@ def predict_files(
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    from sparknet.cli import add_common_options
+
     parser = argparse.ArgumentParser(
         description="sparknet: score raw rows with a run's artifact (run the pipeline first)"
     )
@@ -335,20 +336,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--output", required=True, help="folder for scores/, rejects/ and summary.json"
     )
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key as the other jobs do (repeatable); keys that decide "
-        "how a row is scored must still match the run's",
-    )
-    parser.add_argument("--master", help="Spark master when not launched by spark-submit")
-    parser.add_argument(
-        "--log-level",
-        default="INFO",
-        choices=LEVELS,
-        help="sparknet's log level (Spark's own is the config's spark.log_level)",
+    add_common_options(
+        parser, set_note="; keys that decide how a row is scored must match the run's"
     )
     return parser.parse_args(argv)
 

@@ -247,45 +247,36 @@ def test_two_runs_at_once_with_port_29500_taken(tmp_path):
 
 
 def test_the_rendezvous_store_listens_only_on_the_task_address():
-    """torch's TCPStore binds every interface when it opens the port itself; rank 0
-    hands it a socket bound to the address Spark reported (worker.bind_listener)."""
+    """torch's TCPStore binds every interface when it opens the port itself; rank 0's
+    store (worker.listening_store) listens on the address Spark reported only."""
     import datetime
 
     import psutil
     import torch.distributed as dist
 
-    from sparknet.train.worker import bind_listener
+    from sparknet.train.worker import listening_store
 
-    listener = bind_listener("127.0.0.1")
-    port = listener.getsockname()[1]
-    store = dist.TCPStore(
-        "127.0.0.1",
-        port,
-        2,
-        is_master=True,
-        timeout=datetime.timedelta(seconds=20),
-        wait_for_workers=False,
-        master_listen_fd=listener.detach(),
-    )
-    client = dist.TCPStore(
-        "127.0.0.1", port, 2, is_master=False, timeout=datetime.timedelta(seconds=20)
-    )
+    timeout = datetime.timedelta(seconds=20)
+    store = listening_store("127.0.0.1", 2, timeout)
+    client = dist.TCPStore("127.0.0.1", store.port, 2, is_master=False, timeout=timeout)
     client.set("rank1", "here")
     assert store.get("rank1") == b"here"
     listening = [
         c.laddr.ip
         for c in psutil.Process().net_connections(kind="inet")
-        if c.status == psutil.CONN_LISTEN and c.laddr.port == port
+        if c.status == psutil.CONN_LISTEN and c.laddr.port == store.port
     ]
     assert listening == ["127.0.0.1"]
     del client, store
 
 
 def test_an_unresolvable_rendezvous_address_is_named():
-    from sparknet.train.worker import bind_listener
+    import datetime
+
+    from sparknet.train.worker import listening_store
 
     with pytest.raises(TrainingError, match=r"'no-such-host\.invalid'.*does not resolve"):
-        bind_listener("no-such-host.invalid")
+        listening_store("no-such-host.invalid", 2, datetime.timedelta(seconds=5))
 
 
 class FakeContext:

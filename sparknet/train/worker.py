@@ -77,9 +77,12 @@ def is_loopback(host: str) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.")
 
 
-def bind_listener(host: str) -> socket.socket:
-    """A listening socket on a free port of `host`'s first address: the port the
-    clients will dial, on no other interface."""
+def listening_store(host: str, world_size: int, timeout: datetime.timedelta):
+    """Rank 0's TCPStore server on a free port of `host`'s first address, and on no
+    other interface: torch's server listens on every interface when it binds the port
+    itself, so it is handed a socket bound here (the store owns and closes it)."""
+    import torch.distributed as dist
+
     try:
         infos = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)
     except OSError as exc:
@@ -95,8 +98,18 @@ def bind_listener(host: str) -> socket.socket:
         listener.listen(socket.SOMAXCONN)
     except OSError as exc:
         listener.close()
-        raise TrainingError(f"cannot listen on {host} ({address[0]}) for the rendezvous: {exc}") from exc
-    return listener
+        raise TrainingError(
+            f"cannot listen on {host} ({address[0]}) for the rendezvous: {exc}"
+        ) from exc
+    return dist.TCPStore(
+        host,
+        listener.getsockname()[1],
+        world_size,
+        is_master=True,
+        timeout=timeout,
+        wait_for_workers=False,
+        master_listen_fd=listener.detach(),
+    )
 
 
 def choose_backend(device: str):
@@ -124,20 +137,9 @@ def init_process_group(context, backend: str, timeout_s: float) -> tuple[int, in
 
     store = None
     if rank == 0:
-        # torch's TCPStore server listens on every interface when it binds the port
-        # itself; handing it a socket bound to the address Spark reported for this task
-        # keeps it there (loopback in local mode). The store owns and closes the socket.
-        listener = bind_listener(master_addr)
-        port = listener.getsockname()[1]
-        store = dist.TCPStore(
-            master_addr,
-            port,
-            world_size,
-            is_master=True,
-            timeout=timeout,
-            wait_for_workers=False,
-            master_listen_fd=listener.detach(),
-        )
+        # On the address Spark reported for this task: loopback in local mode.
+        store = listening_store(master_addr, world_size, timeout)
+        port = store.port
     else:
         port = 0
     ports = context.allGather(str(port))
