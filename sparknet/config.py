@@ -399,6 +399,12 @@ def config_from_dict(
 ) -> Config:
     """`where` names the config's origin in messages; `path` (default: `where`) is kept
     in Config.path."""
+    if "path" in data:
+        # Config.path is where the file was read from, not a key of the file.
+        raise ConfigError(
+            f"{where}: unknown key 'path' at the top level; a source's file is "
+            "sources.<name>.path"
+        )
     data = {**data, "path": where if path is None else path}
     config = _build(Config, data, where=f"{where}:")
     _check(config, where)
@@ -477,7 +483,7 @@ def _set(data: dict[str, Any], key: str, value: Any) -> None:
         part, so_far = parts[i], ".".join(parts[: i + 1])
         tp = _unwrap_optional(tp)
         if dataclasses.is_dataclass(tp):
-            names = [f.name for f in dataclasses.fields(tp) if f.name != "path"]
+            names = _keys(tp)
             if part not in names:
                 parent = ".".join(parts[:i]) or "the top level"
                 raise ConfigError(
@@ -541,6 +547,12 @@ def _did_you_mean(word: str, choices: Sequence[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+def _keys(tp: Any) -> list[str]:
+    """The keys a config file may give for dataclass `tp`: its fields, but not Config's
+    own `path` (where the file was loaded from). A source's `path` is a key."""
+    return [f.name for f in dataclasses.fields(tp) if not (tp is Config and f.name == "path")]
+
+
 def _build(tp: Any, value: Any, where: str) -> Any:
     """Turns parsed YAML into `tp`, naming the key path of the first value that does not
     fit. `where` is the origin and key so far: "FILE:" at the top, "FILE: train.epochs"."""
@@ -556,10 +568,10 @@ def _build(tp: Any, value: Any, where: str) -> Any:
         fields = {f.name: f for f in dataclasses.fields(tp)}
         unknown = sorted(set(value) - set(fields))
         if unknown:
-            hint = _did_you_mean(str(unknown[0]), list(fields)) if len(unknown) == 1 else ""
+            hint = _did_you_mean(str(unknown[0]), _keys(tp)) if len(unknown) == 1 else ""
             raise ConfigError(
                 f"{_at(where)}: unknown key(s) {', '.join(map(str, unknown))}{hint}; "
-                f"expected some of {', '.join(f for f in fields if f != 'path')}"
+                f"expected some of {', '.join(_keys(tp))}"
             )
         kwargs = {}
         for name, f in fields.items():

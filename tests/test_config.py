@@ -128,6 +128,8 @@ def test_set_overrides_dotted_keys_with_yaml_values():
             "sources.flights.columns.dep_time.min=0",
             "features.impute_columns.precip={strategy: constant, value: 0}",
             "pca={k: 5}",
+            # The same config on another month's file.
+            "sources.flights.path=flights-2014-01.csv",
             "train.epochs=4",  # the last one wins
         ],
     )
@@ -144,6 +146,7 @@ def test_set_overrides_dotted_keys_with_yaml_values():
     assert (dep_time.type, dep_time.min) == ("int", 0.0)
     assert config.features.impute_columns["precip"].value == "0"
     assert (config.pca.k, config.pca.variance) == (5, None)
+    assert config.sources["flights"].path == "flights-2014-01.csv"
     assert config.path == str(FLIGHTS_YAML)
 
 
@@ -162,6 +165,12 @@ def test_set_overrides_dotted_keys_with_yaml_values():
         ("train.epochs.max=3", "'train.epochs' is a single value, it has no key 'max'"),
         ("joins.0.on=[origin]", "'joins' is a list, it has no key '0'; set it whole"),
         ("sources.nope.path=x.csv", "sources has no 'nope' (it has flights, weather, planes)"),
+        (
+            "sources.flights.pth=x.csv",
+            "unknown key 'sources.flights.pth' (did you mean 'path'?); sources.flights has path,",
+        ),
+        # Config.path is where the file was read from: not a key.
+        ("path=other.yaml", "--set path: unknown key 'path'; the top level has name,"),
         ("train.fault={kind: exit, when: 3}", "--set train.fault: unknown key(s) when"),
         # Ranges and cross-field rules are checked with the whole config, naming --set.
         ("train.epochs=0", "with --set train.epochs=0: train.epochs: must be > 0, got 0"),
@@ -209,6 +218,12 @@ def test_every_enum_refuses_other_values_listing_the_allowed(key, value, allowed
         (lambda d: d["spark"].update(conf=["x"]), "spark.conf: expected a mapping"),
         (lambda d: d.update(name="my run/1"), "name: 'my run/1' must be letters, digits"),
         (lambda d: d.update(trian={}), "unknown key(s) trian (did you mean 'train'?)"),
+        # A source lists its path among its keys; a path at the top level is no key.
+        (
+            lambda d: d["sources"]["weather"].update(pth="w.csv"),
+            "sources.weather: unknown key(s) pth (did you mean 'path'?); expected some of path,",
+        ),
+        (lambda d: d.update(path="flights.csv"), "test.yaml: unknown key 'path' at the top level"),
     ],
 )
 def test_nested_types_and_names_are_checked(edit, message):
