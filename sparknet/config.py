@@ -402,8 +402,7 @@ def config_from_dict(
     if "path" in data:
         # Config.path is where the file was read from, not a key of the file.
         raise ConfigError(
-            f"{where}: unknown key 'path' at the top level; a source's file is "
-            "sources.<name>.path"
+            f"{where}: unknown key 'path' at the top level; a source's file is sources.<name>.path"
         )
     data = {**data, "path": where if path is None else path}
     config = _build(Config, data, where=f"{where}:")

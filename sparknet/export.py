@@ -58,8 +58,12 @@ def scoring_section(config: Config) -> dict:
     differs elsewhere (Spark settings, training schedule) scores the same."""
     used = [config.main, *[j.source for j in config.joins]]
     data = config_to_dict(config)
+    # Not where the training files were: scoring reads its own input, and the lookups
+    # travel in the artifact.
     return {
-        "sources": {name: data["sources"][name] for name in used},
+        "sources": {
+            name: {k: v for k, v in data["sources"][name].items() if k != "path"} for name in used
+        },
         "main": data["main"],
         "joins": data["joins"],
         "label": {k: data["label"][k] for k in ("name", "task", "classes")},

@@ -42,7 +42,7 @@ from sparknet.clean import (
 from sparknet.config import Config, config_from_dict
 from sparknet.errors import DataError, RunDirError
 from sparknet.evaluate import output_column
-from sparknet.export import CARD, CONFIG, digest, required_columns, scoring_section
+from sparknet.export import CARD, CONFIG, required_columns, scoring_section
 from sparknet.features import FEATURES, pipeline_inputs, with_derived
 from sparknet.run_dir import RunDir, read_json, write_json
 from sparknet.train.model import ModelSpec, load_model_files
@@ -88,8 +88,10 @@ def load_artifact(run_dir: RunDir, config: Config) -> Artifact:
     root = run_dir.require(run_dir.artifact, "export")
     card = read_json(root / CARD)
     saved = config_from_dict(read_json(root / CONFIG), where=str(root / CONFIG))
-    if digest(scoring_section(config)) != card["scoring_sha256"]:
-        mine, theirs = scoring_section(config), scoring_section(saved)
+    # Against the saved config read now, not the card's digest: what counts as scoring
+    # may be narrowed later, and an older artifact must still be usable.
+    mine, theirs = scoring_section(config), scoring_section(saved)
+    if mine != theirs:
         differ = [k for k in mine if mine[k] != theirs[k]]
         raise RunDirError(
             f"{config.path or 'the config'} differs from the one {root} was trained with in "

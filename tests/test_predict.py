@@ -13,10 +13,10 @@ from pyspark.sql import functions as F
 
 from conftest import evaluated_by_key, run_job
 from sparknet.config import load_config
-from sparknet.errors import DataError
+from sparknet.errors import DataError, RunDirError
 from sparknet.export import CARD, SCORER, export
 from sparknet.features import SPLIT
-from sparknet.predict import network_for, predict
+from sparknet.predict import load_artifact, network_for, predict
 from sparknet.run_dir import read_json
 from sparknet.shard import SAMPLE_ID, component_columns
 
@@ -150,6 +150,21 @@ def test_predict_job_applies_set_and_refuses_a_different_scoring_config(run, tmp
 
     code, log = run_job([*base, "--set", "split.sed=14"])
     assert code != 0 and "split.sed" in log, log[-3000:]
+
+
+def test_where_the_training_files_were_does_not_decide_scoring(run):
+    """A config that reads its training data from elsewhere scores the same; one that
+    cleans a column otherwise is refused, naming the section."""
+    run_dir, config = run
+    main = config.main
+    elsewhere = load_config(config.path, [f"sources.{main}.path=/data/2014/{main}.csv"])
+    # Accepted, and scoring goes on with the config the run was trained with.
+    assert load_artifact(run_dir, elsewhere).config.sources[main].path == (
+        config.sources[main].path
+    )
+    stricter = load_config(config.path, [f"sources.{main}.columns.distance.max=100"])
+    with pytest.raises(RunDirError, match=r"differs from the one .* in \['sources'\]"):
+        load_artifact(run_dir, stricter)
 
 
 def test_missing_column_is_named(spark, run, test_split_raw):
