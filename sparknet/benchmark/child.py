@@ -58,20 +58,6 @@ def shard_columns(source: Path) -> list[str]:
     return read_json(Path(source) / "shards.json")["columns"]
 
 
-def model_spec(config, columns: list[str]) -> dict:
-    """The train stage's network for `config` on these shard columns, as ModelSpec's
-    fields: what the yardsticks in plain PyTorch build with build_mlp."""
-    t = config.train
-    return {
-        "columns": columns,
-        "hidden": list(t.hidden),
-        "activation": t.activation,
-        "dropout": t.dropout,
-        "batch_norm": t.batch_norm,
-        "task": config.label.task,
-    }
-
-
 def read_split(source: Path, split: str, columns: list[str]) -> tuple[np.ndarray, np.ndarray]:
     import pyarrow.parquet as pq
     import pyarrow_hotfix  # noqa: F401
@@ -219,7 +205,7 @@ def distributor_kind(params: dict) -> dict:
     config = load(params)
     source = Path(params["shards_from"])
     t = config.train
-    spec = model_spec(config, shard_columns(source))
+    spec = params["model"]  # built by the parent (Benchmark.model_spec)
     with PeakMemory() as memory:
         spark = spark_session(config)
         spark_ready = time.perf_counter() - STARTED

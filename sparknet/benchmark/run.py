@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from sparknet.benchmark import machine
-from sparknet.benchmark.child import load, merged, model_spec, shard_columns
+from sparknet.benchmark.child import load, merged, shard_columns
 from sparknet.benchmark.generate import generate
 from sparknet.benchmark.measure import interleave, ratios, run_child, spread
 from sparknet.benchmark.report import markdown
@@ -100,6 +100,18 @@ class Benchmark:
         if self.sizes.rows_per_row_group:
             base["shard"] = {"rows_per_row_group": self.sizes.rows_per_row_group}
         return merged(base, more or {})
+
+    def model_spec(self, shards: Path) -> dict:
+        """The train stage's network (its own build_model_spec) on these shards' columns,
+        as ModelSpec's fields: what the plain-PyTorch yardsticks build (b's plain DDP, c's
+        TorchDistributor). Built here, not in the child, whose imports count in c's time.
+        No train-split label statistics: the benchmark compares binary classifiers (ROC
+        AUC), whose network needs none."""
+        from sparknet.train.launcher import build_model_spec
+
+        config = load({"config": self.config_path, "overrides": self.overrides()})
+        spec = build_model_spec(config, shard_columns(shards), train_labels={})
+        return asdict(spec)
 
     def child(self, kind: str, params: dict, timeout_s: float | None = None, **kwargs) -> dict:
         params = {"config": self.config_path, **params}
@@ -300,8 +312,7 @@ class Benchmark:
         (no allreduce), at the config's batch size and at 4 times it; interleaved."""
         set_stage("b plain DDP")
         m = self.results["machine"]["model"]
-        config = load({"config": self.config_path, "overrides": self.overrides()})
-        spec = model_spec(config, shard_columns(self.base))
+        spec = self.model_spec(self.base)
         out: dict = {}
         for batch in (m["batch_size"], 4 * m["batch_size"]):
             steps = max(20, self.sizes.plain_ddp_samples // batch)
@@ -361,6 +372,7 @@ class Benchmark:
         """c: sparknet's train stage against TorchDistributor fed by toPandas, both from
         a fresh process (JVM start included), the same model, batch size and epochs."""
         set_stage(f"c distributor {label}")
+        model = self.model_spec(base)
 
         def sparknet(r: int) -> dict:
             return self.child(
@@ -375,7 +387,11 @@ class Benchmark:
         def torch_distributor(r: int) -> dict:
             return self.child(
                 "distributor",
-                {"shards_from": str(base), "overrides": {"train": {"epochs": epochs}}},
+                {
+                    "shards_from": str(base),
+                    "model": model,
+                    "overrides": {"train": {"epochs": epochs}},
+                },
                 # toPandas of the largest scale would not fit in this machine's memory
                 # beside the OS: stopped at the cap, it counts as not finished. A rank
                 # that dies can leave TorchDistributor's barrier stage waiting for good:
